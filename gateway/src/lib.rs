@@ -1,1 +1,78 @@
+//! The gateway server. Data flows one way: [`transport`] (hyper + WebSocket upgrade) →
+//! [`session`] (decode, auth, limits, outbound queue) → [`hub`] (node-local channel table,
+//! fan-out) ⇄ [`broker`] (offsets, history, presence; `memory` here, Redis across nodes).
+//! The HTTP [`api`] sits beside the sessions and uses the same hub and broker.
+//!
+//! See ARCHITECTURE.md for the data flow and the decisions behind it.
 
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod session;
+pub mod shutdown;
+pub mod transport;
+
+use std::{sync::Arc, time::Duration};
+
+/// Builds the node from `config` and serves until SIGTERM/SIGINT has drained it.
+pub async fn run(config: config::Config) -> Result<(), String> {
+    if config.redis_url.is_some() {
+        return Err("the Redis broker is not built yet (issue 3); run without --redis-url".into());
+    }
+    let (metrics, prometheus) = metrics::Metrics::install();
+    let hub = Arc::new(hub::Hub::new(metrics.clone()));
+    let memory = Arc::new(broker::memory::MemoryBroker::new(hub.clone()));
+    let node = Arc::new(node::Node::new(config, hub, memory.clone(), metrics)?);
+    if !node.verifier.enabled() {
+        tracing::warn!("no token keys configured: clients connect anonymously");
+    }
+    if node.config.api_key.is_none() {
+        tracing::info!("no API key configured: the HTTP API is disabled");
+    }
+
+    let listener = tokio::net::TcpListener::bind(node.config.listen)
+        .await
+        .map_err(|e| format!("binding {}: {e}", node.config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, node = %node.config.node_id, "listening");
+    // Tests and scripts read the bound address (with --listen 127.0.0.1:0) from stdout.
+    println!("listening on {addr}");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(transport::serve(
+        node.clone(),
+        prometheus.clone(),
+        listener,
+        stop_rx,
+    ));
+    let upkeep = tokio::spawn({
+        let node = node.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                prometheus.run_upkeep();
+                let namespaces = &node.config.namespaces;
+                let options = |c: &channel::ChannelName| {
+                    namespaces.get(c.namespace()).copied().unwrap_or_default()
+                };
+                memory.sweep(options, std::time::Instant::now());
+            }
+        }
+    });
+
+    shutdown::wait_for_signal().await;
+    tracing::info!("signal received: draining");
+    node.start_draining();
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    shutdown::drain(&node, Duration::from_secs(node.config.limits.drain_seconds)).await;
+    upkeep.abort();
+    tracing::info!("drained, exiting");
+    Ok(())
+}

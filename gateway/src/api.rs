@@ -1,0 +1,403 @@
+//! The HTTP API for backends: publish, broadcast, history and presence, JSON in and out
+//! with the schema's field names (proto3 JSON mapping, so `data` is base64 and 64-bit
+//! offsets are strings). A tower service: load shedding, a concurrency limit and a
+//! timeout wrap the handler; bodies are size-limited while read.
+
+use crate::{
+    broker::PublishRequest,
+    channel::ChannelName,
+    config::NamespaceOptions,
+    metrics,
+    node::Node,
+    session::CommandError,
+    transport::{Body, full},
+};
+use base64::Engine;
+use broker_proto::{
+    ErrorCode,
+    v1::{HistoryResult, PresenceResult, Publish, PublishResult},
+};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use std::{sync::Arc, time::Duration};
+use tower::{BoxError, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
+
+pub type Service = BoxCloneSyncService<Request<Incoming>, Response<Body>, BoxError>;
+
+pub fn service(node: Arc<Node>) -> Service {
+    let limits = &node.config.limits;
+    let timeout = Duration::from_millis(limits.api_timeout_ms);
+    let concurrency = limits.api_concurrency;
+    let svc = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(concurrency)
+        .timeout(timeout)
+        .service_fn(move |req| {
+            let node = node.clone();
+            async move { Ok::<_, BoxError>(handle(&node, req).await) }
+        });
+    BoxCloneSyncService::new(svc)
+}
+
+/// Calls the API service, turning shed load and timeouts into documented errors.
+pub async fn call(service: &Service, req: Request<Incoming>) -> Response<Body> {
+    match service.clone().oneshot(req).await {
+        Ok(r) => r,
+        Err(e) if e.is::<tower::load_shed::error::Overloaded>() => error_response(
+            CommandError::new(ErrorCode::TooManyRequests, "API overloaded, retry later"),
+        ),
+        Err(e) if e.is::<tower::timeout::error::Elapsed>() => error_response(CommandError::new(
+            ErrorCode::Internal,
+            "API request timed out",
+        )),
+        Err(e) => error_response(CommandError::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: WireError<'a>,
+}
+
+#[derive(Serialize)]
+struct WireError<'a> {
+    code: u32,
+    message: &'a str,
+    temporary: bool,
+}
+
+fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorCode::UnknownChannel | ErrorCode::BadRequest | ErrorCode::AlreadySubscribed => {
+            StatusCode::BAD_REQUEST
+        }
+        ErrorCode::LimitExceeded => StatusCode::BAD_REQUEST,
+        ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_response(e: CommandError) -> Response<Body> {
+    let body = ErrorBody {
+        error: WireError {
+            code: e.code.code(),
+            message: &e.message,
+            temporary: e.code.temporary(),
+        },
+    };
+    json_response(
+        status_for(e.code),
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+fn ok<T: Serialize>(value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => error_response(CommandError::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> CommandError {
+    CommandError::new(ErrorCode::BadRequest, message)
+}
+
+async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    let route = route_name(req.method(), req.uri().path());
+    let response = match dispatch(node, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(e),
+    };
+    metrics::api_request(route, response.status().as_u16());
+    response
+}
+
+fn route_name(method: &Method, path: &str) -> &'static str {
+    match (method, path) {
+        (&Method::POST, "/api/v1/publish") => "publish",
+        (&Method::POST, "/api/v1/broadcast") => "broadcast",
+        (&Method::GET, p) if p.ends_with("/history") => "history",
+        (&Method::GET, p) if p.ends_with("/presence") => "presence",
+        _ => "other",
+    }
+}
+
+fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), CommandError> {
+    let Some(expected) = node.config.api_key.as_deref() else {
+        return Err(CommandError::new(
+            ErrorCode::PermissionDenied,
+            "HTTP API disabled: no API key configured",
+        ));
+    };
+    let given = req
+        .headers()
+        .get("x-api-key")
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    // Compare in constant time so the key cannot be guessed byte by byte from timing.
+    let same = given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(CommandError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong X-API-Key",
+        ))
+    }
+}
+
+async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, CommandError> {
+    authorized(node, &req)?;
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let query = req.uri().query().unwrap_or("").to_owned();
+    match (method, path.as_str()) {
+        (Method::POST, "/api/v1/publish") => {
+            let body = read_body(node, req).await?;
+            let publish: Publish =
+                serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
+            let (channel, options) = channel(node, &publish.channel)?;
+            let position = publish_one(node, &channel, &options, publish).await?;
+            Ok(ok(&PublishResult {
+                offset: position.offset,
+                epoch: position.epoch,
+            }))
+        }
+        (Method::POST, "/api/v1/broadcast") => {
+            let body = read_body(node, req).await?;
+            broadcast(node, &body).await
+        }
+        (Method::GET, p) if p.starts_with("/api/v1/channels/") => {
+            let rest = &p["/api/v1/channels/".len()..];
+            if let Some(name) = rest.strip_suffix("/history") {
+                let (channel, options) = channel(node, &percent_decode(name)?)?;
+                let since = parse_param(&query, "since_offset")?.unwrap_or(0);
+                let limit = parse_param(&query, "limit")?.unwrap_or(0);
+                let limit = u32::try_from(limit).map_err(|_| bad_request("limit too large"))?;
+                let page = node.history(&channel, &options, since, limit).await?;
+                Ok(ok(&HistoryResult {
+                    epoch: page.position.epoch,
+                    offset: page.position.offset,
+                    publications: page.publications,
+                }))
+            } else if let Some(name) = rest.strip_suffix("/presence") {
+                let (channel, options) = channel(node, &percent_decode(name)?)?;
+                if !options.presence {
+                    return Err(CommandError::new(
+                        ErrorCode::PermissionDenied,
+                        "presence is disabled in this namespace",
+                    ));
+                }
+                let clients = node
+                    .broker
+                    .presence(&channel)
+                    .await
+                    .map_err(|e| CommandError::new(e.code(), e.to_string()))?;
+                Ok(ok(&PresenceResult { clients }))
+            } else {
+                Err(bad_request("no such API route"))
+            }
+        }
+        _ => Err(bad_request("no such API route")),
+    }
+}
+
+async fn read_body(node: &Node, req: Request<Incoming>) -> Result<Bytes, CommandError> {
+    let limit = node.config.limits.api_body_bytes;
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(CommandError::new(
+            ErrorCode::MessageTooLarge,
+            format!("request body over {limit} bytes"),
+        )),
+        Err(e) => Err(bad_request(format!("reading body: {e}"))),
+    }
+}
+
+fn channel(node: &Node, name: &str) -> Result<(ChannelName, NamespaceOptions), CommandError> {
+    let channel = ChannelName::parse(name)
+        .map_err(|e| CommandError::new(ErrorCode::UnknownChannel, e.to_string()))?;
+    let options = *node
+        .config
+        .namespaces
+        .get(channel.namespace())
+        .ok_or_else(|| {
+            CommandError::new(
+                ErrorCode::UnknownChannel,
+                format!("unknown namespace {:?}", channel.namespace()),
+            )
+        })?;
+    Ok((channel, options))
+}
+
+async fn publish_one(
+    node: &Node,
+    channel: &ChannelName,
+    options: &NamespaceOptions,
+    publish: Publish,
+) -> Result<crate::broker::Position, CommandError> {
+    if publish.data.len() > options.max_message_bytes {
+        return Err(CommandError::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "publication of {} bytes exceeds {}",
+                publish.data.len(),
+                options.max_message_bytes
+            ),
+        ));
+    }
+    let request = PublishRequest {
+        data: publish.data,
+        content_type: publish.content_type,
+        idempotency_key: publish.idempotency_key,
+        info: None,
+    };
+    node.publish(channel, options, request, "api").await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BroadcastRequest {
+    channels: Vec<String>,
+    #[serde(default)]
+    data: String,
+    #[serde(default)]
+    content_type: String,
+    #[serde(default)]
+    idempotency_key: String,
+}
+
+#[derive(Serialize)]
+struct BroadcastResponse<'a> {
+    responses: Vec<BroadcastItem<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BroadcastItem<'a> {
+    Ok {
+        channel: String,
+        offset: String,
+        epoch: String,
+    },
+    Err {
+        channel: String,
+        error: WireError<'a>,
+    },
+}
+
+/// Publishes one payload to many channels; each channel succeeds or fails on its own.
+async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandError> {
+    let req: BroadcastRequest =
+        serde_json::from_slice(body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
+    if req.channels.is_empty() || req.channels.len() > 1000 {
+        return Err(bad_request("channels must list 1 to 1000 channels"));
+    }
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(&req.data)
+        .map_err(|e| bad_request(format!("data is not base64: {e}")))?;
+    let data = Bytes::from(data);
+    let mut results = Vec::with_capacity(req.channels.len());
+    for name in &req.channels {
+        let publish = Publish {
+            channel: name.clone(),
+            data: data.clone(),
+            content_type: req.content_type.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+        };
+        let result = match channel(node, name) {
+            Ok((channel, options)) => publish_one(node, &channel, &options, publish).await,
+            Err(e) => Err(e),
+        };
+        results.push((name.clone(), result));
+    }
+    let responses = results
+        .iter()
+        .map(|(channel, r)| match r {
+            Ok(p) => BroadcastItem::Ok {
+                channel: channel.clone(),
+                offset: p.offset.to_string(),
+                epoch: p.epoch.clone(),
+            },
+            Err(e) => BroadcastItem::Err {
+                channel: channel.clone(),
+                error: WireError {
+                    code: e.code.code(),
+                    message: &e.message,
+                    temporary: e.code.temporary(),
+                },
+            },
+        })
+        .collect();
+    Ok(ok(&BroadcastResponse { responses }))
+}
+
+fn parse_param(query: &str, name: &str) -> Result<Option<u64>, CommandError> {
+    let Some((_, v)) = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+    else {
+        return Ok(None);
+    };
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| bad_request(format!("{name} must be a non-negative integer")))
+}
+
+/// Decodes `%XX` escapes in a path segment (`#` in a channel name arrives as `%23`).
+fn percent_decode(s: &str) -> Result<String, CommandError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            out.push(hex.ok_or_else(|| bad_request("bad percent-escape in path"))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad_request("path is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_percent_escapes() {
+        assert_eq!(percent_decode("chat:%23alice").unwrap(), "chat:#alice");
+        assert_eq!(percent_decode("a/b").unwrap(), "a/b");
+        assert!(percent_decode("%2").is_err());
+        assert!(percent_decode("%zz").is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! The `Broker` trait: where publications get their offsets, where history and presence
+//! live, and how a node hears about publications made on any node. `memory` implements it
+//! in-process for one machine; the Redis broker implements it past one machine.
+//!
+//! A broker hands every publication (and Join/Leave push) for a channel this node has
+//! subscribed to the node's [`Hub`](crate::hub::Hub), in offset order per channel.
+
+pub mod memory;
+
+use crate::{channel::ChannelName, config::NamespaceOptions};
+use async_trait::async_trait;
+use broker_proto::{
+    ErrorCode,
+    v1::{ClientInfo, Publication},
+};
+use bytes::Bytes;
+
+/// What a client or the HTTP API asks to publish.
+#[derive(Debug, Clone, Default)]
+pub struct PublishRequest {
+    pub data: Bytes,
+    pub content_type: String,
+    /// A retried publish with the same key returns the first result and is delivered once.
+    pub idempotency_key: String,
+    /// The publishing client; `None` for the HTTP API.
+    pub info: Option<ClientInfo>,
+}
+
+/// Where a channel's stream stands. `offset` is the last assigned offset (0: none yet).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// Publications after some offset, in order.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    pub position: Position,
+    pub publications: Vec<Publication>,
+    /// Whether the page starts right after the requested offset, i.e. nothing between the
+    /// requested offset and the first returned publication was trimmed or expired.
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unavailable(_) => ErrorCode::BrokerUnavailable,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Presence change announced to a channel's subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    Join,
+    Leave,
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Assigns the next offset (when the namespace keeps history), stores the publication
+    /// and delivers it to every node subscribed to the channel.
+    async fn publish(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        request: PublishRequest,
+    ) -> Result<Position, BrokerError>;
+
+    /// Publications with offset > `since`, at most `limit` (0: all retained).
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        since: u64,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError>;
+
+    /// The channel's current offset and epoch.
+    async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError>;
+
+    /// This node has its first local subscriber on `channel`: start delivering it here.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
+
+    /// This node's last local subscriber left `channel`.
+    async fn unsubscribe(&self, channel: &ChannelName);
+
+    /// Adds or removes `client` in the channel's presence; `announce` pushes Join/Leave.
+    async fn presence_update(
+        &self,
+        channel: &ChannelName,
+        client: ClientInfo,
+        change: PresenceChange,
+        announce: bool,
+    ) -> Result<(), BrokerError>;
+
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError>;
+
+    /// Whether the broker can serve requests now (`/readyz`).
+    fn ready(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,289 @@
+//! The listener and HTTP/1.1 with hyper: routes, WebSocket upgrade with subprotocol
+//! negotiation and origin check, the connection limit, and the handshake timeout. After
+//! the upgrade the socket belongs to a [`session`](crate::session).
+
+use crate::{api, auth::AuthError, metrics, node::Node, session};
+use broker_proto::{CloseCode, Encoding};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::{convert::Infallible, sync::Arc};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
+};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+const DEMO_PAGE: &str = include_str!("../static/index.html");
+
+/// Accepts connections until `stop` turns true.
+pub async fn serve(
+    node: Arc<Node>,
+    prometheus: PrometheusHandle,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let api = api::service(node.clone());
+    let shared = Arc::new((node, prometheus, api));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let timeout = shared.0.config.handshake_timeout();
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared.0, &shared.1, &shared.2, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn route(
+    node: &Arc<Node>,
+    prometheus: &PrometheusHandle,
+    api: &api::Service,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET, "/ws") => upgrade(node, req),
+        (&Method::GET, "/") => {
+            let mut r = Response::new(full(DEMO_PAGE));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") if node.is_ready() => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(full(metrics::render(prometheus)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        _ if path.starts_with("/api/") => api::call(api, req).await,
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Picks the encoding: the first offered subprotocol we speak, else `?format=`, else proto.
+fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(Encoding, bool), &'static str> {
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    if let Some(e) = offered.iter().find_map(|p| Encoding::from_subprotocol(p)) {
+        return Ok((e, true));
+    }
+    if !offered.is_empty() {
+        return Err(
+            "none of the offered subprotocols is supported (gateway.v1.proto, gateway.v1.json)",
+        );
+    }
+    match query_param(query, "format") {
+        Some(f) => Encoding::from_format(f)
+            .map(|e| (e, false))
+            .ok_or("format must be proto or json"),
+        None => Ok((Encoding::Proto, false)),
+    }
+}
+
+fn origin_allowed(node: &Node, headers: &HeaderMap) -> bool {
+    let allowed = &node.config.allowed_origins;
+    if allowed.is_empty() || allowed.iter().any(|o| o == "*") {
+        return true;
+    }
+    // Non-browser clients send no Origin; the check protects browsers' ambient credentials.
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+}
+
+fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| is_upgrade && version_ok)
+    else {
+        metrics::rejected("bad_handshake");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (version 13)\n",
+        );
+    };
+    if node.is_draining() {
+        metrics::rejected("draining");
+        return text(StatusCode::SERVICE_UNAVAILABLE, "node is draining\n");
+    }
+    let (encoding, echo) = match negotiate(headers, req.uri().query()) {
+        Ok(n) => n,
+        Err(reason) => {
+            metrics::rejected("subprotocol");
+            return text(StatusCode::BAD_REQUEST, reason);
+        }
+    };
+    let mut reject = None;
+    if !origin_allowed(node, headers) {
+        metrics::rejected("origin");
+        reject = Some(CloseCode::Policy);
+    } else if !node.has_room() {
+        metrics::rejected("over_capacity");
+        reject = Some(CloseCode::OverCapacity);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = bearer
+        .or_else(|| query_param(req.uri().query(), "token"))
+        .filter(|t| !t.is_empty());
+    let token: Option<Result<_, AuthError>> = if node.verifier.enabled() {
+        token.map(|t| node.verifier.verify(t))
+    } else {
+        None
+    };
+    let accept = derive_accept_key(key.as_bytes());
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let node = node.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let limits = &node.config.limits;
+        let mut ws_config = WebSocketConfig::default();
+        ws_config.read_buffer_size = limits.ws_read_buffer_bytes;
+        // Sessions pack frames into one message and flush once per wake-up, so
+        // tungstenite need not buffer on its own: each message goes straight out.
+        ws_config.write_buffer_size = 0;
+        ws_config.max_message_size = Some(limits.max_message_bytes);
+        ws_config.max_frame_size = Some(limits.max_message_bytes);
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+                .await;
+        node.metrics.connections_accepted.increment(1);
+        session::run(
+            node,
+            ws,
+            session::Params {
+                encoding,
+                token,
+                reject,
+            },
+        )
+        .await;
+    });
+
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if echo {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(encoding.subprotocol()),
+        );
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiates_subprotocol_then_format() {
+        let mut h = HeaderMap::new();
+        assert_eq!(negotiate(&h, None), Ok((Encoding::Proto, false)));
+        assert_eq!(
+            negotiate(&h, Some("format=json&x=1")),
+            Ok((Encoding::Json, false))
+        );
+        assert!(negotiate(&h, Some("format=xml")).is_err());
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("foo, gateway.v1.json"),
+        );
+        assert_eq!(
+            negotiate(&h, Some("format=proto")),
+            Ok((Encoding::Json, true))
+        );
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("foo"),
+        );
+        assert!(negotiate(&h, None).is_err());
+    }
+}
