@@ -68,10 +68,12 @@ pub async fn run(config: config::Config) -> Result<(), String> {
 
     shutdown::wait_for_signal().await;
     tracing::info!("signal received: draining");
+    // Draining refuses new WebSockets (503) but keeps answering /readyz (503) and
+    // /healthz, so probes see "not ready" rather than a refused connection.
     node.start_draining();
+    shutdown::drain(&node, Duration::from_secs(node.config.limits.drain_seconds)).await;
     let _ = stop_tx.send(true);
     let _ = server.await;
-    shutdown::drain(&node, Duration::from_secs(node.config.limits.drain_seconds)).await;
     upkeep.abort();
     tracing::info!("drained, exiting");
     Ok(())

@@ -1,4 +1,4 @@
-//! SIGTERM handling. The first signal drains: readiness fails at once, the listener stops,
+//! SIGTERM handling. The first signal drains: readiness fails at once, new WebSockets are refused,
 //! and connected clients get 1012 in batches spread over the drain period, so they do not
 //! all reconnect to the remaining nodes in the same instant. A second signal exits now.
 
