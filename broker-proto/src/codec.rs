@@ -307,7 +307,8 @@ mod tests {
             max_frames_per_message: 2,
             max_frame_bytes: 64,
         };
-        let cases: Vec<(Encoding, Bytes, fn(&DecodeError) -> bool)> = vec![
+        type Case = (Encoding, Bytes, fn(&DecodeError) -> bool);
+        let cases: Vec<Case> = vec![
             (Encoding::Proto, Bytes::new(), |e| {
                 matches!(e, DecodeError::Empty)
             }),

@@ -469,8 +469,8 @@ mod tests {
             log.append(&ch, &o, req("a", ""), t, 0);
             log.position().epoch
         };
-        assert_eq!(broker.sweep(|_| o.clone(), t + Duration::from_secs(59)), 0);
-        assert_eq!(broker.sweep(|_| o.clone(), t + Duration::from_secs(61)), 1);
+        assert_eq!(broker.sweep(|_| o, t + Duration::from_secs(59)), 0);
+        assert_eq!(broker.sweep(|_| o, t + Duration::from_secs(61)), 1);
         let mut shard = broker.shard(&ch);
         assert_ne!(
             shard
