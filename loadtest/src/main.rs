@@ -1,1 +1,439 @@
-fn main() {}
+//! `loadgen`: a load generator for rates k6 cannot drive. Opens N WebSocket connections,
+//! subscribes them to C channels, publishes at a fixed total rate from M publisher
+//! connections, and reports delivered messages/s, publish→deliver latency (a wall-clock
+//! timestamp travels in each payload), lost and duplicated publications (from the gapless
+//! per-channel offsets), and the gateway's CPU seconds and RSS read from `/metrics`.
+//!
+//! With `--publishers 0` it only holds the connections (`--hold`), for memory runs.
+
+use broker_proto::{
+    Batch, Encoding, encode_frame,
+    v1::{ClientFrame, Publish, Subscribe, client_frame::Command},
+};
+use bytes::{Buf, Bytes};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use prost::Message as _;
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+use tokio::{net::TcpStream, sync::Semaphore};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{
+        Message, client::IntoClientRequest, http::HeaderValue, protocol::WebSocketConfig,
+    },
+};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "WebSocket load generator for the gateway")]
+struct Args {
+    /// Gateway address (host:port); WebSocket at /ws, metrics at /metrics
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Subscriber connections
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Channels; subscriber i joins channel i % channels
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Channel name prefix
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// Publisher connections
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Total publications per second across all publishers
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Seconds of publishing
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Payload bytes per publication (at least 8: the timestamp)
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Seconds to hold the connections after publishing (or at all, with 0 publishers)
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
+    /// Connections opened concurrently
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Do not read the gateway's /metrics (e.g. when several loadgens share one gateway)
+    #[arg(long)]
+    no_metrics: bool,
+}
+
+/// The parts of `ServerFrame` the generator needs; prost skips the rest without
+/// allocating, which keeps the client's cost per delivery low.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteFrame {
+    #[prost(uint32, tag = "1")]
+    id: u32,
+    #[prost(message, optional, tag = "2")]
+    error: Option<LiteError>,
+    #[prost(message, optional, tag = "10")]
+    publication: Option<LitePublication>,
+    #[prost(message, optional, tag = "4")]
+    subscribe: Option<LiteSubscribed>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteError {
+    #[prost(uint32, tag = "1")]
+    code: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LitePublication {
+    #[prost(uint64, tag = "2")]
+    offset: u64,
+    #[prost(bytes = "bytes", tag = "4")]
+    data: Bytes,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LiteSubscribed {
+    #[prost(uint64, tag = "2")]
+    offset: u64,
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn frames(payload: &Bytes) -> impl Iterator<Item = LiteFrame> + '_ {
+    let mut buf = payload.clone();
+    std::iter::from_fn(move || {
+        if !buf.has_remaining() {
+            return None;
+        }
+        let len = prost::decode_length_delimiter(&mut buf).ok()?;
+        if len > buf.remaining() {
+            return None;
+        }
+        LiteFrame::decode(buf.split_to(len)).ok()
+    })
+}
+
+async fn connect(addr: &str) -> Result<Ws, String> {
+    let mut req = format!("ws://{addr}/ws")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(Encoding::PROTO_SUBPROTOCOL),
+    );
+    let mut config = WebSocketConfig::default();
+    config.read_buffer_size = 16 * 1024;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
+fn send_frames(frames: &[ClientFrame]) -> Message {
+    let mut batch = Batch::new(Encoding::Proto, 128 * frames.len());
+    for f in frames {
+        batch.push(&encode_frame(Encoding::Proto, f));
+    }
+    Message::Binary(batch.take())
+}
+
+/// Per-run counters shared by all tasks.
+#[derive(Default)]
+struct Stats {
+    delivered: AtomicU64,
+    lost: AtomicU64,
+    duplicated: AtomicU64,
+    published: AtomicU64,
+    publish_errors: AtomicU64,
+    latency: Mutex<Option<Histogram<u64>>>,
+}
+
+/// Reads one subscriber's stream; returns its last offset when `stop` is set.
+async fn subscriber(mut ws: Ws, mut last: u64, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> u64 {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let (mut delivered, mut lost, mut dup) = (0u64, 0u64, 0u64);
+    while !stop.load(Relaxed) {
+        let msg = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Err(_) => continue,
+            Ok(Some(Ok(m))) => m,
+            Ok(_) => break,
+        };
+        let Message::Binary(payload) = msg else {
+            continue;
+        };
+        let now = now_ns();
+        for f in frames(&payload) {
+            let Some(p) = f.publication else { continue };
+            delivered += 1;
+            if p.offset <= last {
+                dup += 1;
+                continue;
+            }
+            lost += p.offset - last - 1;
+            last = p.offset;
+            if p.data.len() >= 8 {
+                let sent = u64::from_le_bytes(p.data[..8].try_into().unwrap_or_default());
+                let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
+            }
+        }
+    }
+    stats.delivered.fetch_add(delivered, Relaxed);
+    stats.lost.fetch_add(lost, Relaxed);
+    stats.duplicated.fetch_add(dup, Relaxed);
+    let mut merged = stats.latency.lock().unwrap_or_else(|e| e.into_inner());
+    match merged.as_mut() {
+        Some(m) => {
+            let _ = m.add(&hist);
+        }
+        None => *merged = Some(hist),
+    }
+    last
+}
+
+async fn publisher(mut ws: Ws, index: usize, args: Args, stats: Arc<Stats>, deadline: Instant) {
+    let per = args.rate / args.publishers as f64;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut sent = 0u64;
+    let mut next_id = 1u32;
+    let mut acked = 0u64;
+    let mut pad = vec![0u8; args.payload.max(8)];
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if Instant::now() < deadline => {
+                let due = (start.elapsed().as_secs_f64() * per) as u64;
+                let mut batch = Vec::new();
+                while sent < due && batch.len() < 1000 {
+                    let channel = (index + sent as usize * args.publishers) % args.channels;
+                    pad[..8].copy_from_slice(&now_ns().to_le_bytes());
+                    batch.push(ClientFrame {
+                        id: next_id,
+                        command: Some(Command::Publish(Publish {
+                            channel: format!("{}{channel}", args.prefix),
+                            data: Bytes::copy_from_slice(&pad),
+                            ..Default::default()
+                        })),
+                    });
+                    next_id = next_id.wrapping_add(1).max(1);
+                    sent += 1;
+                }
+                if !batch.is_empty() && ws.send(send_frames(&batch)).await.is_err() {
+                    break;
+                }
+            }
+            msg = ws.next() => {
+                let Some(Ok(Message::Binary(payload))) = msg else {
+                    if msg.is_none() { break } else { continue }
+                };
+                for f in frames(&payload) {
+                    if f.id == 0 { continue }
+                    acked += 1;
+                    if let Some(e) = f.error {
+                        stats.publish_errors.fetch_add(1, Relaxed);
+                        eprintln!("publish error {}", e.code);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)), if Instant::now() >= deadline => break,
+        }
+        if Instant::now() >= deadline && acked >= sent {
+            break;
+        }
+    }
+    stats.published.fetch_add(acked, Relaxed);
+}
+
+/// `(cpu_seconds, rss_bytes)` of the gateway, from its Prometheus text.
+async fn gateway_process(addr: &str) -> Option<(f64, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    let value = |name: &str| {
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    Some((
+        value("process_cpu_seconds_total")?,
+        value("process_resident_memory_bytes")?,
+    ))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let stats = Arc::new(Stats::default());
+    let before = if args.no_metrics {
+        None
+    } else {
+        gateway_process(&args.addr).await
+    };
+
+    // Open and subscribe the subscribers.
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
+    let mut opening = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let (gate, args) = (gate.clone(), args.clone());
+        opening.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.ok()?;
+            let mut ws = connect(&args.addr)
+                .await
+                .map_err(|e| eprintln!("connect: {e}"))
+                .ok()?;
+            let channel = format!("{}{}", args.prefix, i % args.channels);
+            let sub = ClientFrame {
+                id: 1,
+                command: Some(Command::Subscribe(Subscribe {
+                    channel,
+                    ..Default::default()
+                })),
+            };
+            ws.send(send_frames(&[sub])).await.ok()?;
+            // The subscribe reply gives the offset this subscriber starts after.
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Binary(p) = msg
+                    && let Some(f) = frames(&p).find(|f| f.id == 1)
+                {
+                    if let Some(e) = f.error {
+                        eprintln!("subscribe error {}", e.code);
+                        return None;
+                    }
+                    return Some((ws, f.subscribe.map_or(0, |s| s.offset)));
+                }
+            }
+            None
+        }));
+    }
+    let mut subscribers = Vec::with_capacity(args.connections);
+    for o in opening {
+        if let Ok(Some(s)) = o.await {
+            subscribers.push(s);
+        }
+    }
+    let opened = subscribers.len();
+    println!(
+        "subscribed {opened}/{} connections in {:.1}s",
+        args.connections,
+        started.elapsed().as_secs_f64()
+    );
+    let settled = if args.no_metrics {
+        None
+    } else {
+        gateway_process(&args.addr).await
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|(ws, last)| tokio::spawn(subscriber(ws, last, stats.clone(), stop.clone())))
+        .collect();
+
+    let t0 = Instant::now();
+    if args.publishers > 0 {
+        let deadline = t0 + Duration::from_secs_f64(args.duration);
+        let mut pubs = Vec::new();
+        for i in 0..args.publishers {
+            let ws = connect(&args.addr).await.expect("publisher connects");
+            pubs.push(tokio::spawn(publisher(
+                ws,
+                i,
+                args.clone(),
+                stats.clone(),
+                deadline,
+            )));
+        }
+        for p in pubs {
+            let _ = p.await;
+        }
+        // Let the last deliveries land.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = if args.no_metrics {
+        None
+    } else {
+        gateway_process(&args.addr).await
+    };
+    if args.hold > 0.0 {
+        println!("holding {opened} connections for {}s", args.hold);
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    }
+    stop.store(true, Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
+    let delivered = stats.delivered.load(Relaxed);
+    let published = stats.published.load(Relaxed);
+    let subs_per_channel = opened as f64 / args.channels as f64;
+    let expected = (published as f64 * subs_per_channel).round() as u64;
+    let lost_gaps = stats.lost.load(Relaxed);
+    let dup = stats.duplicated.load(Relaxed);
+    let unique = delivered - dup;
+    // Gaps count losses in the middle; a shortfall against the expected total counts
+    // losses at the tail that no later offset revealed.
+    let lost = lost_gaps.max(expected.saturating_sub(unique));
+    let hist = stats
+        .latency
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let ms = |q: f64| {
+        hist.as_ref()
+            .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+    };
+
+    println!(
+        "published {published} ({} errors) in {elapsed:.1}s",
+        stats.publish_errors.load(Relaxed)
+    );
+    if published > 0 {
+        println!(
+            "delivered {delivered} of {expected} expected: {:.0} msgs/s; lost {lost}, duplicated {dup}",
+            delivered as f64 / args.duration.min(elapsed),
+        );
+        println!(
+            "latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            ms(0.5),
+            ms(0.99),
+            ms(0.999),
+            ms(1.0)
+        );
+    }
+    if let (Some(b), Some(s), Some(a)) = (before, settled, after) {
+        let cpu = a.0 - s.0;
+        println!(
+            "gateway: rss {:.1} MiB -> {:.1} MiB with {opened} connections ({:.0} B/conn); cpu {cpu:.2}s while publishing",
+            b.1 / 1048576.0,
+            s.1 / 1048576.0,
+            (s.1 - b.1) / opened.max(1) as f64
+        );
+        if cpu > 0.0 && delivered > 0 {
+            println!(
+                "deliveries per gateway cpu-second: {:.0}",
+                delivered as f64 / cpu
+            );
+        }
+    }
+}

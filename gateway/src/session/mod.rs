@@ -151,13 +151,13 @@ where
                 session.outbox.clone(),
             );
             let exit = session.serve(&mut ws).await;
-            session.leave_all().await;
+            Box::pin(session.leave_all()).await;
             session.node.unregister(session.id);
             exit
         }
     };
     if let Exit::Close(code) = exit {
-        session.close(&mut ws, code).await;
+        Box::pin(session.close(&mut ws, code)).await;
     }
 }
 
@@ -190,7 +190,7 @@ impl Session {
                     last_heard = Instant::now();
                     match message {
                         Some(Ok(message)) => {
-                            if let Some(exit) = self.on_message(message).await {
+                            if let Some(exit) = Box::pin(self.on_message(message)).await {
                                 return exit;
                             }
                         }
