@@ -569,3 +569,35 @@ async fn slow_consumer_is_closed_4008_and_recovers_everything() {
     assert_eq!(recovered, ((last + 1)..=total).collect::<Vec<_>>());
     assert_node_serves(&server).await;
 }
+
+#[tokio::test]
+async fn a_client_close_is_echoed_and_the_node_forgets_the_connection() {
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    let server = Server::start("");
+    let mut c = server.client(Encoding::Proto).await;
+    ok(c.call(subscribe("bye")).await);
+    assert_eq!(server.metric("gateway_connections"), 1.0);
+    c.ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    })))
+    .await
+    .unwrap();
+    assert_eq!(
+        c.closed().await,
+        Closed {
+            disconnect: None,
+            close: Some(1000)
+        }
+    );
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while server.metric("gateway_connections") != 0.0
+        || server.metric("gateway_subscriptions") != 0.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session should be gone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -189,6 +189,11 @@ impl Session {
                 message = ws.next() => {
                     last_heard = Instant::now();
                     match message {
+                        // tungstenite queued the echo of the client's close: send it.
+                        Some(Ok(Message::Close(_))) => {
+                            let _ = tokio::time::timeout(CLOSE_LINGER, ws.flush()).await;
+                            return Exit::Gone;
+                        }
                         Some(Ok(message)) => {
                             if let Some(exit) = Box::pin(self.on_message(message)).await {
                                 return exit;
@@ -236,7 +241,7 @@ impl Session {
             (Message::Binary(_) | Message::Text(_), _) => {
                 return Some(Exit::Close(CloseCode::UnsupportedData));
             }
-            // tungstenite answers pings itself; the peer's close is echoed by it too.
+            // tungstenite answers pings itself; `serve` handles the peer's close.
             (Message::Close(_), _) => return Some(Exit::Gone),
             (Message::Ping(_) | Message::Pong(_) | Message::Frame(_), _) => return None,
         };
