@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, clippy, unit and end-to-end tests (which
-# start the real gateway binary), and the browser test of the demo page. Installs what
+# start the real gateway binary, and for the multi-node suite their own redis-server and
+# haproxy processes on free ports), and the browser test of the demo page. Installs what
 # is missing first, so a fresh machine passes with this one command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}"
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -47,6 +47,8 @@ pub enum CloseCode {
     InternalError = 1011,
     Draining = 1012,
     OverCapacity = 1013,
+    /// Extension: disconnected by the application through the HTTP API; do not reconnect.
+    Disconnected = 4000,
     TokenInvalid = 4001,
     TokenExpired = 4003,
     /// Extension: no traffic (not even a pong) within the idle timeout.
@@ -88,6 +90,7 @@ impl CloseCode {
             Self::InternalError => "internal error",
             Self::Draining => "node draining",
             Self::OverCapacity => "node over capacity",
+            Self::Disconnected => "disconnected by the server",
             Self::TokenInvalid => "token invalid",
             Self::TokenExpired => "token expired",
             Self::IdleTimeout => "idle timeout",

@@ -133,6 +133,8 @@ fn route_name(method: &Method, path: &str) -> &'static str {
     match (method, path) {
         (&Method::POST, "/api/v1/publish") => "publish",
         (&Method::POST, "/api/v1/broadcast") => "broadcast",
+        (&Method::POST, "/api/v1/disconnect") => "disconnect",
+        (&Method::GET, "/api/v1/nodes") => "nodes",
         (&Method::GET, p) if p.ends_with("/history") => "history",
         (&Method::GET, p) if p.ends_with("/presence") => "presence",
         _ => "other",
@@ -187,6 +189,27 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
         (Method::POST, "/api/v1/broadcast") => {
             let body = read_body(node, req).await?;
             broadcast(node, &body).await
+        }
+        (Method::POST, "/api/v1/disconnect") => {
+            let body = read_body(node, req).await?;
+            let req: DisconnectRequest =
+                serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
+            if req.user.is_empty() {
+                return Err(bad_request("user must not be empty"));
+            }
+            node.broker
+                .disconnect_user(&req.user)
+                .await
+                .map_err(|e| CommandError::new(e.code(), e.to_string()))?;
+            Ok(ok(&serde_json::json!({})))
+        }
+        (Method::GET, "/api/v1/nodes") => {
+            let nodes = node
+                .broker
+                .nodes(&node.info())
+                .await
+                .map_err(|e| CommandError::new(e.code(), e.to_string()))?;
+            Ok(ok(&serde_json::json!({ "nodes": nodes })))
         }
         (Method::GET, p) if p.starts_with("/api/v1/channels/") => {
             let rest = &p["/api/v1/channels/".len()..];
@@ -274,6 +297,12 @@ async fn publish_one(
         info: None,
     };
     node.publish(channel, options, request, "api").await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest {
+    user: String,
 }
 
 #[derive(Deserialize)]

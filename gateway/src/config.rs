@@ -74,6 +74,8 @@ struct File {
     #[serde(default)]
     auth: AuthConfig,
     #[serde(default)]
+    redis: RedisOptions,
+    #[serde(default)]
     namespaces: HashMap<String, NamespaceOptions>,
 }
 
@@ -127,6 +129,38 @@ impl Default for Limits {
             api_body_bytes: 4 << 20,
             api_timeout_ms: 10_000,
             api_concurrency: 1024,
+        }
+    }
+}
+
+/// Redis broker tuning (`[redis]`); the URLs come from `--redis-url`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisOptions {
+    /// Prefix of every key and pub/sub channel, so several deployments can share a Redis.
+    pub prefix: String,
+    /// Pub/sub connections per Redis server; channels are spread over them by hash.
+    pub pubsub_connections: usize,
+    /// Bound on every Redis command and (re)connect; a publish then fails with 108.
+    pub command_timeout_ms: u64,
+    /// A channel's Redis subscription outlives its last local subscriber this long.
+    pub unsubscribe_delay_ms: u64,
+    /// A pub/sub connection silent this long publishes a probe to itself; no echo
+    /// within the command timeout means the connection is restarted.
+    pub probe_interval_ms: u64,
+    /// Presence entries expire this long after their node stops refreshing them.
+    pub presence_ttl_seconds: u64,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "gw:".into(),
+            pubsub_connections: 2,
+            command_timeout_ms: 1000,
+            unsubscribe_delay_ms: 2000,
+            probe_interval_ms: 2000,
+            presence_ttl_seconds: 60,
         }
     }
 }
@@ -196,6 +230,7 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub limits: Limits,
     pub auth: AuthConfig,
+    pub redis: RedisOptions,
     /// Always holds `default`.
     pub namespaces: HashMap<String, NamespaceOptions>,
 }
@@ -249,6 +284,7 @@ impl Config {
             allowed_origins: file.allowed_origins,
             limits: file.limits,
             auth: file.auth,
+            redis: file.redis,
             namespaces,
         }
     }
@@ -268,6 +304,15 @@ impl Config {
                 "ping_interval_ms must be >= 100; commands_per_second and max_frames_per_message > 0".into(),
             ));
         }
+        if self
+            .redis_urls()
+            .iter()
+            .any(|u| !u.starts_with("redis://") && !u.starts_with("rediss://"))
+        {
+            return Err(ConfigError::Invalid(
+                "redis_url: each comma-separated URL must start with redis://".into(),
+            ));
+        }
         for name in self.namespaces.keys() {
             if name.is_empty()
                 || !name.bytes().all(crate::channel::is_name_byte)
@@ -277,6 +322,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The Redis servers channels are sharded over; empty for the embedded broker.
+    pub fn redis_urls(&self) -> Vec<String> {
+        self.redis_url
+            .iter()
+            .flat_map(|u| u.split(','))
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     pub fn auth_enabled(&self) -> bool {

@@ -1,5 +1,6 @@
-//! The node-local channel table: which sessions on this node subscribe to which channel,
-//! and fan-out to them. A publication is encoded once per encoding in use on the channel
+//! The node-local tables: which sessions on this node subscribe to which channel, with
+//! fan-out to them, and which sessions are live (for draining, the connection limit and
+//! disconnecting a user). A publication is encoded once per encoding in use on the channel
 //! and the same bytes are queued to every subscriber: no per-subscriber encode or copy.
 //!
 //! No sockets here: tests drive the hub with outboxes directly.
@@ -8,7 +9,7 @@ use crate::{
     metrics::Metrics,
     session::outbox::{OutItem, Outbox, Pushed},
 };
-use broker_proto::{Encoding, encode_frame, v1::ServerFrame};
+use broker_proto::{CloseCode, Encoding, encode_frame, v1::ServerFrame};
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
@@ -34,8 +35,18 @@ struct Channel {
 
 type Shard = HashMap<Arc<str>, Channel>;
 
+struct LiveSession {
+    user: String,
+    outbox: Arc<Outbox>,
+}
+
+/// Sent through an outbox in place of a publication when a channel's stream restarted
+/// (new epoch): the session forgets the channel's last offset, since offsets start again.
+pub const STREAM_RESET: u64 = u64::MAX;
+
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
+    sessions: Mutex<HashMap<SessionId, LiveSession>>,
     hasher: RandomState,
     metrics: Metrics,
 }
@@ -53,8 +64,62 @@ impl Hub {
     pub fn new(metrics: Metrics) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            sessions: Mutex::default(),
             hasher: RandomState::new(),
             metrics,
+        }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<SessionId, LiveSession>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn register(&self, id: SessionId, user: String, outbox: Arc<Outbox>) {
+        let mut sessions = self.sessions();
+        sessions.insert(id, LiveSession { user, outbox });
+        self.metrics.connections.set(sessions.len() as f64);
+    }
+
+    pub fn unregister(&self, id: SessionId) {
+        let mut sessions = self.sessions();
+        sessions.remove(&id);
+        self.metrics.connections.set(sessions.len() as f64);
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Asks up to `max` sessions to close with `code`; returns how many were asked.
+    pub fn close_sessions(&self, code: CloseCode, max: usize) -> usize {
+        let sessions = self.sessions();
+        let open = sessions
+            .values()
+            .filter(|s| s.outbox.closing().is_none())
+            .take(max);
+        open.map(|s| s.outbox.close(code)).count()
+    }
+
+    /// Closes every connection of `user` on this node; returns how many.
+    pub fn disconnect_user(&self, user: &str, code: CloseCode) -> usize {
+        let sessions = self.sessions();
+        let matching = sessions.values().filter(|s| s.user == user);
+        matching.map(|s| s.outbox.close(code)).count()
+    }
+
+    /// Tells every local subscriber of `channel` that its stream restarted (new epoch).
+    pub fn reset(&self, channel: &str) {
+        let shard = self.shard(channel);
+        let Some((key, entry)) = shard.get_key_value(channel) else {
+            return;
+        };
+        for sub in &entry.subscribers {
+            let item = OutItem {
+                channel: key.clone(),
+                offset: STREAM_RESET,
+                frame: bytes::Bytes::new(),
+            };
+            sub.outbox.push(item);
         }
     }
 
@@ -135,6 +200,14 @@ impl Hub {
             self.metrics.slow_consumer_drops.increment(dropped as u64);
         }
         delivered
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 
     pub fn subscriber_count(&self, channel: &str) -> usize {

@@ -155,3 +155,17 @@ fn process_metrics(out: &mut String) {
         );
     }
 }
+
+/// A stream read started to fill a gap (`gap`) or to catch up after a pub/sub reconnect.
+pub fn repair(kind: &'static str) {
+    counter!("gateway_redis_repairs_total", "kind" => kind).increment(1);
+}
+
+/// Publications a node could not deliver because the stream no longer had them.
+pub fn history_gap(count: u64) {
+    counter!("gateway_deliveries_dropped_total", "reason" => "history_gap").increment(count);
+}
+
+pub fn pubsub_reconnect() {
+    counter!("gateway_redis_pubsub_reconnects_total").increment(1);
+}

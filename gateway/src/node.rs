@@ -1,6 +1,6 @@
 //! `Node`: what every session, API request and background task of this process shares —
-//! config, hub, broker, token verifier, metrics, and the table of live sessions that
-//! draining and the connection limit work from.
+//! config, hub, broker, token verifier and metrics — and the operations both the sessions
+//! and the HTTP API use.
 
 use crate::{
     auth::Verifier,
@@ -11,12 +11,11 @@ use crate::{
     metrics::{self, Metrics},
     session::{CommandError, outbox::Outbox},
 };
-use broker_proto::{CloseCode, ErrorCode};
+use broker_proto::ErrorCode;
 use std::{
-    collections::HashMap,
     sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Instant,
 };
@@ -24,9 +23,13 @@ use std::{
 /// History requests return at most this many publications.
 const MAX_HISTORY_LIMIT: usize = 10_000;
 
-struct LiveSession {
-    user: String,
-    outbox: Arc<Outbox>,
+/// A reserved WebSocket slot, released when dropped.
+pub struct SocketSlot(Arc<AtomicUsize>);
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub struct Node {
@@ -35,8 +38,9 @@ pub struct Node {
     pub broker: Arc<dyn Broker>,
     pub verifier: Verifier,
     pub metrics: Metrics,
-    sessions: Mutex<HashMap<SessionId, LiveSession>>,
     next_session: AtomicU64,
+    /// Upgraded WebSockets, counted from the upgrade until the connection task ends.
+    sockets: Arc<AtomicUsize>,
     client_prefix: String,
     draining: AtomicBool,
 }
@@ -54,16 +58,12 @@ impl Node {
             hub,
             broker,
             metrics,
-            sessions: Mutex::default(),
             next_session: AtomicU64::new(1),
+            sockets: Arc::default(),
             client_prefix: format!("{:08x}", rand::random::<u32>()),
             draining: AtomicBool::new(false),
             config,
         })
-    }
-
-    fn sessions(&self) -> MutexGuard<'_, HashMap<SessionId, LiveSession>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A fresh session id and the client id shown to others (unique across nodes).
@@ -73,25 +73,26 @@ impl Node {
     }
 
     pub fn register(&self, id: SessionId, user: String, outbox: Arc<Outbox>) {
-        let mut sessions = self.sessions();
-        if sessions.insert(id, LiveSession { user, outbox }).is_none() {
-            self.metrics.connections.set(sessions.len() as f64);
-        }
+        self.hub.register(id, user, outbox);
     }
 
     pub fn unregister(&self, id: SessionId) {
-        let mut sessions = self.sessions();
-        sessions.remove(&id);
-        self.metrics.connections.set(sessions.len() as f64);
+        self.hub.unregister(id);
     }
 
     pub fn connection_count(&self) -> usize {
-        self.sessions().len()
+        self.hub.connection_count()
     }
 
-    /// Whether one more connection fits under `max_connections`.
-    pub fn has_room(&self) -> bool {
-        self.connection_count() < self.config.limits.max_connections
+    /// Takes a WebSocket slot; `None` when `max_connections` are already open.
+    pub fn reserve_socket(&self) -> Option<SocketSlot> {
+        let max = self.config.limits.max_connections;
+        let taken = self
+            .sockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        taken.ok().map(|_| SocketSlot(self.sockets.clone()))
     }
 
     pub fn is_draining(&self) -> bool {
@@ -107,26 +108,16 @@ impl Node {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Asks up to `max` sessions to close with `code`; returns how many were asked.
-    pub fn close_sessions(&self, code: CloseCode, max: usize) -> usize {
-        let sessions = self.sessions();
-        let mut asked = 0;
-        for s in sessions
-            .values()
-            .filter(|s| s.outbox.closing().is_none())
-            .take(max)
-        {
-            s.outbox.close(code);
-            asked += 1;
+    /// This node's entry in the node registry.
+    pub fn info(&self) -> crate::broker::NodeInfo {
+        crate::broker::NodeInfo {
+            node: self.config.node_id.clone(),
+            connections: self.connection_count(),
+            channels: self.hub.channel_count(),
+            updated_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
         }
-        asked
-    }
-
-    /// Closes every connection of `user` on this node.
-    pub fn disconnect_user(&self, user: &str, code: CloseCode) -> usize {
-        let sessions = self.sessions();
-        let matching = sessions.values().filter(|s| s.user == user);
-        matching.map(|s| s.outbox.close(code)).count()
     }
 
     /// Publishes for a client or the HTTP API, with the broker's latency recorded.

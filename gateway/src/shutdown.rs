@@ -50,7 +50,7 @@ pub async fn drain(node: &Node, period: Duration) {
     let per_step = total.div_ceil(steps).max(1);
     let deadline = tokio::time::Instant::now() + period + Duration::from_secs(2);
     while node.connection_count() > 0 && tokio::time::Instant::now() < deadline {
-        node.close_sessions(CloseCode::Draining, per_step);
+        node.hub.close_sessions(CloseCode::Draining, per_step);
         tokio::time::sleep(DRAIN_STEP).await;
     }
 }

@@ -186,11 +186,14 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             return text(StatusCode::BAD_REQUEST, reason);
         }
     };
+    // The slot is taken here, before the 101, so a burst of upgrades cannot overshoot
+    // the limit; a rejected socket still holds none.
+    let slot = node.reserve_socket();
     let mut reject = None;
     if !origin_allowed(node, headers) {
         metrics::rejected("origin");
         reject = Some(CloseCode::Policy);
-    } else if !node.has_room() {
+    } else if slot.is_none() {
         metrics::rejected("over_capacity");
         reject = Some(CloseCode::OverCapacity);
     }
@@ -211,6 +214,7 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut req);
     let node = node.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

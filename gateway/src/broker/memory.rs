@@ -5,7 +5,7 @@
 //! [`ChannelLog`] is the whole of the stream logic as a plain data structure driven with
 //! explicit time, so tests exercise trimming and expiry without sleeping.
 
-use super::{Broker, BrokerError, HistoryPage, Position, PresenceChange, PublishRequest};
+use super::{Broker, BrokerError, HistoryPage, NodeInfo, Position, PresenceChange, PublishRequest};
 use crate::{channel::ChannelName, config::NamespaceOptions, hub::Hub};
 use async_trait::async_trait;
 use broker_proto::v1::{ClientInfo, Join, Leave, Publication, ServerFrame, server_frame::Body};
@@ -328,6 +328,20 @@ impl Broker for MemoryBroker {
             );
         }
         Ok(())
+    }
+
+    async fn disconnect_user(&self, user: &str) -> Result<(), BrokerError> {
+        self.hub
+            .disconnect_user(user, broker_proto::CloseCode::Disconnected);
+        Ok(())
+    }
+
+    async fn heartbeat(&self, _info: &NodeInfo) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn nodes(&self, this: &NodeInfo) -> Result<Vec<NodeInfo>, BrokerError> {
+        Ok(vec![this.clone()])
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError> {

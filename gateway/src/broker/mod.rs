@@ -6,6 +6,7 @@
 //! subscribed to the node's [`Hub`](crate::hub::Hub), in offset order per channel.
 
 pub mod memory;
+pub mod redis;
 
 use crate::{channel::ChannelName, config::NamespaceOptions};
 use async_trait::async_trait;
@@ -60,6 +61,16 @@ impl BrokerError {
     }
 }
 
+/// One node as listed by `GET /api/v1/nodes`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    pub node: String,
+    pub connections: usize,
+    pub channels: usize,
+    pub updated_unix_ms: i64,
+}
+
 /// Presence change announced to a channel's subscribers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PresenceChange {
@@ -90,10 +101,11 @@ pub trait Broker: Send + Sync + 'static {
     /// The channel's current offset and epoch.
     async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError>;
 
-    /// This node has its first local subscriber on `channel`: start delivering it here.
+    /// A session on this node subscribes to `channel`: resolves once publications to it
+    /// are delivered to this node's hub. Reference-counted per channel.
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 
-    /// This node's last local subscriber left `channel`.
+    /// A session on this node left `channel` (pairs with a successful `subscribe`).
     async fn unsubscribe(&self, channel: &ChannelName);
 
     /// Adds or removes `client` in the channel's presence; `announce` pushes Join/Leave.
@@ -106,6 +118,15 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<(), BrokerError>;
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError>;
+
+    /// Closes every connection of `user`, on every node (close code 4000).
+    async fn disconnect_user(&self, user: &str) -> Result<(), BrokerError>;
+
+    /// Records this node in the node registry; called every few seconds.
+    async fn heartbeat(&self, info: &NodeInfo) -> Result<(), BrokerError>;
+
+    /// The live nodes; `this` is the calling node's own current entry.
+    async fn nodes(&self, this: &NodeInfo) -> Result<Vec<NodeInfo>, BrokerError>;
 
     /// Whether the broker can serve requests now (`/readyz`).
     fn ready(&self) -> bool {

@@ -7,7 +7,7 @@ use crate::{
     broker::{PresenceChange, PublishRequest},
     channel::ChannelName,
     config::NamespaceOptions,
-    hub::{Membership, Subscriber},
+    hub::Subscriber,
     metrics,
 };
 use broker_proto::{
@@ -181,10 +181,11 @@ impl Session {
             encoding: self.encoding,
             outbox: self.outbox.clone(),
         };
-        if node.hub.subscribe(&key, sub) == Membership::NodeChanged
-            && let Err(e) = node.broker.subscribe(&channel).await
-        {
-            self.undo_subscribe(&key, &channel).await;
+        node.hub.subscribe(&key, sub);
+        // Every subscribe waits until the node's broker subscription is live (the broker
+        // counts references), so no session reads history before live delivery is on.
+        if let Err(e) = node.broker.subscribe(&channel).await {
+            node.hub.unsubscribe(&key, self.id);
             metrics::broker_error("subscribe");
             return Err(CommandError::new(e.code(), e.to_string()));
         }
@@ -251,9 +252,8 @@ impl Session {
     }
 
     async fn undo_subscribe(&self, key: &std::sync::Arc<str>, channel: &ChannelName) {
-        if self.node.hub.unsubscribe(key, self.id) == Membership::NodeChanged {
-            self.node.broker.unsubscribe(channel).await;
-        }
+        self.node.hub.unsubscribe(key, self.id);
+        self.node.broker.unsubscribe(channel).await;
     }
 
     async fn unsubscribe(&mut self, request: Unsubscribe) -> Result<Body, CommandError> {

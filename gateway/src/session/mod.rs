@@ -12,7 +12,7 @@ mod rate;
 
 use crate::{
     auth::{AuthError, Identity},
-    hub::{Membership, SessionId},
+    hub::SessionId,
     metrics,
     node::Node,
 };
@@ -310,6 +310,10 @@ impl Session {
             let Some(sub) = self.subscriptions.get_mut(&item.channel) else {
                 continue;
             };
+            if item.offset == crate::hub::STREAM_RESET {
+                sub.last_offset = 0;
+                continue;
+            }
             if item.offset != 0 {
                 if item.offset <= sub.last_offset {
                     continue;
@@ -380,9 +384,8 @@ impl Session {
     }
 
     async fn leave(&self, key: &Arc<str>, sub: &Subscription) {
-        if self.node.hub.unsubscribe(key, self.id) == Membership::NodeChanged {
-            self.node.broker.unsubscribe(&sub.channel).await;
-        }
+        self.node.hub.unsubscribe(key, self.id);
+        self.node.broker.unsubscribe(&sub.channel).await;
         if sub.presence {
             let change = crate::broker::PresenceChange::Leave;
             if let Err(e) = self
