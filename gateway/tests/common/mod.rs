@@ -46,15 +46,14 @@ impl Server {
             CONFIG_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, config).unwrap();
-        let mut child = Process::new(env!("CARGO_BIN_EXE_gateway"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--node-id",
-                "test-node",
-                "--config",
-            ])
-            .arg(&path)
+        let mut command = Process::new(env!("CARGO_BIN_EXE_gateway"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&path);
+        if !args.contains(&"--node-id") {
+            command.args(["--node-id", "test-node"]);
+        }
+        let mut child = command
             .args(args)
             .env("GATEWAY_LOG", "warn")
             .stdout(Stdio::piped())
@@ -77,6 +76,25 @@ impl Server {
 
     pub fn ws_url(&self, query: &str) -> String {
         format!("ws://{}/ws{query}", self.addr)
+    }
+
+    /// Ends the process at once, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while self.http("GET", "/readyz", &[], "").0 != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {} not ready",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -116,42 +134,11 @@ impl Server {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String) {
-        let mut s = std::net::TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp[9..12].parse().unwrap();
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        http_at(self.addr, method, path, headers, body)
     }
 
     pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-        let (status, body) = self.http(
-            method,
-            path,
-            &[
-                ("X-API-Key", "test-key"),
-                ("Content-Type", "application/json"),
-            ],
-            body,
-        );
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
-        )
+        api_at(self.addr, method, path, body)
     }
 
     /// The value of an unlabelled metric in `/metrics`.
@@ -445,4 +432,223 @@ pub async fn assert_node_serves(server: &Server) {
         Body::Publication(p) => assert_eq!(&p.data[..], b"still here"),
         other => panic!("{other:?}"),
     }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn temp_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "gateway-{kind}-{}-{}",
+        std::process::id(),
+        CONFIG_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A real `redis-server` on a free port, with or without persistence (AOF, fsync always).
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    persistent: bool,
+}
+
+impl Redis {
+    pub fn start(persistent: bool) -> Self {
+        let mut r = Self {
+            child: None,
+            port: free_port(),
+            dir: temp_dir("redis"),
+            persistent,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let aof = if self.persistent { "yes" } else { "no" };
+        let child = Process::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                aof,
+                "--appendfsync",
+                "always",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (install it: apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while self.cli(&["PING"]).as_deref() != Some("+PONG") {
+            assert!(std::time::Instant::now() < deadline, "redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one command in RESP and returns the first reply line.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_owned())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port and directory (so AOF data comes back if persistent).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        Process::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// HAProxy in front of gateway nodes, health-checking `/readyz`, round-robin.
+pub struct Haproxy {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    pub fn start(backends: &[SocketAddr]) -> Self {
+        let port = free_port();
+        let dir = temp_dir("haproxy");
+        let mut cfg = format!(
+            "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  \
+             timeout server 60s\n  timeout tunnel 1h\n  option redispatch\n  retries 2\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend gw\n\
+             backend gw\n  balance roundrobin\n  option httpchk GET /readyz\n"
+        );
+        for (i, b) in backends.iter().enumerate() {
+            cfg.push_str(&format!(
+                "  server n{i} {b} check inter 200 fall 1 rise 1\n"
+            ));
+        }
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = Process::new("haproxy")
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy (install it: apt-get install haproxy)");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Let the first health checks pass.
+        std::thread::sleep(Duration::from_millis(500));
+        Self { child, port, dir }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plain HTTP/1.1 request to `addr`; returns status and body.
+pub fn http_at(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// An HTTP API call with the test key; the body parsed as JSON.
+pub fn api_at(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let headers = [
+        ("X-API-Key", "test-key"),
+        ("Content-Type", "application/json"),
+    ];
+    let (status, body) = http_at(addr, method, path, &headers, body);
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
 }

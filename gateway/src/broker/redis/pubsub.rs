@@ -124,7 +124,9 @@ enum Ended {
 
 impl Task {
     async fn run(mut self) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        // The first retry comes quickly: a dropped connection usually reconnects at once,
+        // and every publication made meanwhile must still be in the stream to be repaired.
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         loop {
             match self.connect_and_serve(&mut backoff).await {
                 Ended::Stopped => return,
