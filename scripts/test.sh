@@ -33,4 +33,4 @@ else
 fi
 echo "==> browser test of the demo page"
 cargo build -p gateway --quiet
-node tests/browser/demo.test.mjs target/debug/gateway
+node tests/browser/demo.test.mjs "${CARGO_TARGET_DIR:-target}/debug/gateway"
