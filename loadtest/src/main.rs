@@ -33,9 +33,16 @@ use tokio_tungstenite::{
 #[derive(Parser, Debug, Clone)]
 #[command(about = "WebSocket load generator for the gateway")]
 struct Args {
-    /// Gateway address (host:port); WebSocket at /ws, metrics at /metrics
+    /// Gateway address (host:port); WebSocket at /ws, metrics at /metrics. Several,
+    /// comma-separated, spread the subscribers round-robin and sum the nodes' CPU and RSS.
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
+    /// Where publishers connect (default: the first --addr)
+    #[arg(long)]
+    publish_addr: Option<String>,
+    /// Read CPU/RSS from these addresses instead of --addr (e.g. the nodes behind a proxy)
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Subscriber connections
     #[arg(long, default_value_t = 1000)]
     connections: usize,
@@ -254,8 +261,18 @@ async fn publisher(mut ws: Ws, index: usize, args: Args, stats: Arc<Stats>, dead
     stats.published.fetch_add(acked, Relaxed);
 }
 
-/// `(cpu_seconds, rss_bytes)` of the gateway, from its Prometheus text.
-async fn gateway_process(addr: &str) -> Option<(f64, f64)> {
+/// `(cpu_seconds, rss_bytes)` summed over the gateway nodes at `addrs`.
+async fn gateway_process(addrs: &str) -> Option<(f64, f64)> {
+    let mut total = (0.0, 0.0);
+    for addr in addrs.split(',') {
+        let (cpu, rss) = node_process(addr).await?;
+        total.0 += cpu;
+        total.1 += rss;
+    }
+    Some(total)
+}
+
+async fn node_process(addr: &str) -> Option<(f64, f64)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.ok()?;
     s.write_all(
@@ -355,7 +372,10 @@ async fn main() {
         let deadline = t0 + Duration::from_secs_f64(args.duration);
         let mut pubs = Vec::new();
         for i in 0..args.publishers {
-            let ws = connect(&args.addr).await.expect("publisher connects");
+            let first = args.addr.split(',').next().unwrap_or_default().to_owned();
+            let ws = connect(args.publish_addr.as_deref().unwrap_or(&first))
+                .await
+                .expect("publisher connects");
             pubs.push(tokio::spawn(publisher(
                 ws,
                 i,
