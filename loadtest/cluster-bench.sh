@@ -7,7 +7,9 @@
 #
 # CPU_CAP caps each node with a cgroup-v1 CPU quota (e.g. 0.25 = a quarter core), so that
 # "N nodes vs 1" can be measured on a 2-core machine without the machine itself being the
-# cap; "none" runs uncapped. Needs root for the cap.
+# cap; "none" runs uncapped. Needs root for the cap. Publishers connect to one more,
+# uncapped node that has no subscribers (a backend publishing through the gateway), the
+# same in every configuration; its CPU is not in the reported sum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:?nodes}; cap=${2:?cpu cap or none}; shift 2
@@ -45,13 +47,17 @@ for i in $(seq 1 "$nodes"); do
     cgroups+=("$g")
   fi
 done
+pport=$((rport + 50))
+GATEWAY_LOG=warn ./target/release/gateway --listen "127.0.0.1:$pport" --node-id bench-publisher \
+  --redis-url "redis://127.0.0.1:$rport" --config loadtest/bench.toml >/dev/null 2>&1 &
+pids+=($!)
 sleep 0.5
 node_list=$(IFS=,; echo "${addrs[*]}")
 target=$node_list
 if [ "${VIA:-direct}" = haproxy ]; then
   hport=$((rport + 100))
   {
-    printf 'global\n  maxconn 19000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n'
+    printf 'global\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n'
     printf '  timeout server 60s\n  timeout tunnel 1h\nfrontend fe\n  bind 127.0.0.1:%s\n  default_backend gw\n' "$hport"
     printf 'backend gw\n  balance roundrobin\n'
     for a in "${addrs[@]}"; do printf '  server %s %s\n' "${a##*:}" "$a"; done
@@ -63,7 +69,7 @@ if [ "${VIA:-direct}" = haproxy ]; then
 fi
 redis_cpu() { redis-cli -p "$rport" INFO cpu | awk -F: '/used_cpu_(sys|user):/ { s += $2 } END { print s }'; }
 before=$(redis_cpu)
-./target/release/loadgen --addr "$target" --publish-addr "${addrs[0]}" --metrics-addr "$node_list" "$@" | tee "$dir/out"
+./target/release/loadgen --addr "$target" --publish-addr "127.0.0.1:$pport" --metrics-addr "$node_list" "$@" | tee "$dir/out"
 after=$(redis_cpu)
 published=$(awk '/^published/ { print $2 }' "$dir/out")
 awk -v b="$before" -v a="$after" -v p="$published" 'BEGIN {

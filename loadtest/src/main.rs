@@ -164,12 +164,17 @@ struct Stats {
     published: AtomicU64,
     publish_errors: AtomicU64,
     latency: Mutex<Option<Histogram<u64>>>,
+    /// Wall-clock ns of the last delivery seen by any subscriber.
+    last_delivery_ns: AtomicU64,
+    /// Deliveries so far, updated as they arrive (the totals above are summed at the end).
+    received: AtomicU64,
 }
 
 /// Reads one subscriber's stream; returns its last offset when `stop` is set.
 async fn subscriber(mut ws: Ws, mut last: u64, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> u64 {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let (mut delivered, mut lost, mut dup) = (0u64, 0u64, 0u64);
+    let mut last_ns = 0u64;
     while !stop.load(Relaxed) {
         let msg = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
             Err(_) => continue,
@@ -180,6 +185,8 @@ async fn subscriber(mut ws: Ws, mut last: u64, stats: Arc<Stats>, stop: Arc<Atom
             continue;
         };
         let now = now_ns();
+        last_ns = now;
+        let before = delivered;
         for f in frames(&payload) {
             let Some(p) = f.publication else { continue };
             delivered += 1;
@@ -194,7 +201,9 @@ async fn subscriber(mut ws: Ws, mut last: u64, stats: Arc<Stats>, stop: Arc<Atom
                 let _ = hist.record((now.saturating_sub(sent) / 1000).max(1));
             }
         }
+        stats.received.fetch_add(delivered - before, Relaxed);
     }
+    stats.last_delivery_ns.fetch_max(last_ns, Relaxed);
     stats.delivered.fetch_add(delivered, Relaxed);
     stats.lost.fetch_add(lost, Relaxed);
     stats.duplicated.fetch_add(dup, Relaxed);
@@ -301,10 +310,11 @@ async fn node_process(addr: &str) -> Option<(f64, f64)> {
 async fn main() {
     let args = Args::parse();
     let stats = Arc::new(Stats::default());
+    let metrics_addr = args.metrics_addr.clone().unwrap_or_else(|| args.addr.clone());
     let before = if args.no_metrics {
         None
     } else {
-        gateway_process(&args.addr).await
+        gateway_process(&metrics_addr).await
     };
 
     // Open and subscribe the subscribers.
@@ -315,7 +325,8 @@ async fn main() {
         let (gate, args) = (gate.clone(), args.clone());
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.ok()?;
-            let mut ws = connect(&args.addr)
+            let addrs: Vec<&str> = args.addr.split(',').collect();
+            let mut ws = connect(addrs[i % addrs.len()])
                 .await
                 .map_err(|e| eprintln!("connect: {e}"))
                 .ok()?;
@@ -358,7 +369,7 @@ async fn main() {
     let settled = if args.no_metrics {
         None
     } else {
-        gateway_process(&args.addr).await
+        gateway_process(&metrics_addr).await
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -368,6 +379,7 @@ async fn main() {
         .collect();
 
     let t0 = Instant::now();
+    let t0_ns = now_ns();
     if args.publishers > 0 {
         let deadline = t0 + Duration::from_secs_f64(args.duration);
         let mut pubs = Vec::new();
@@ -387,14 +399,27 @@ async fn main() {
         for p in pubs {
             let _ = p.await;
         }
-        // Let the last deliveries land.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Wait for the gateway to deliver what it still has queued: until every expected
+        // delivery arrived, or none arrived for two seconds (bounded at two minutes).
+        let expected = stats.published.load(Relaxed) * (opened / args.channels.max(1)) as u64;
+        let (mut seen, mut quiet_since) = (0, Instant::now());
+        let give_up = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = stats.received.load(Relaxed);
+            if now >= expected || quiet_since.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            if now != seen {
+                (seen, quiet_since) = (now, Instant::now());
+            }
+        }
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let after = if args.no_metrics {
         None
     } else {
-        gateway_process(&args.addr).await
+        gateway_process(&metrics_addr).await
     };
     if args.hold > 0.0 {
         println!("holding {opened} connections for {}s", args.hold);
@@ -440,6 +465,15 @@ async fn main() {
             ms(0.999),
             ms(1.0)
         );
+        // Deliveries over the time until the last one arrived: the rate the gateway
+        // sustained, even when it fell behind the offered load and drained a backlog.
+        let span = stats.last_delivery_ns.load(Relaxed).saturating_sub(t0_ns) as f64 / 1e9;
+        if span > 0.0 {
+            println!(
+                "sustained {:.0} deliveries/s (last delivery {span:.1}s after publishing began)",
+                delivered as f64 / span
+            );
+        }
     }
     if let (Some(b), Some(s), Some(a)) = (before, settled, after) {
         let cpu = a.0 - s.0;
