@@ -304,13 +304,24 @@ impl Config {
                 "ping_interval_ms must be >= 100; commands_per_second and max_frames_per_message > 0".into(),
             ));
         }
-        if self
-            .redis_urls()
+        let urls = self.redis_urls();
+        let schemes = ["redis://", "rediss://", "redis+cluster://"];
+        if urls
             .iter()
-            .any(|u| !u.starts_with("redis://") && !u.starts_with("rediss://"))
+            .any(|u| !schemes.iter().any(|s| u.starts_with(s)))
         {
             return Err(ConfigError::Invalid(
-                "redis_url: each comma-separated URL must start with redis://".into(),
+                "redis_url: each comma-separated URL must start with redis:// or redis+cluster://"
+                    .into(),
+            ));
+        }
+        let cluster = urls
+            .iter()
+            .filter(|u| u.starts_with("redis+cluster://"))
+            .count();
+        if cluster > 0 && cluster < urls.len() {
+            return Err(ConfigError::Invalid(
+                "redis_url: either redis:// servers to shard over, or redis+cluster:// seeds of one cluster".into(),
             ));
         }
         for name in self.namespaces.keys() {

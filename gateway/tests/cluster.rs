@@ -16,7 +16,10 @@ const FAST: &str =
     "[redis]\ncommand_timeout_ms = 1000\nprobe_interval_ms = 1000\nunsubscribe_delay_ms = 500\n";
 
 fn cluster(redis: &Redis, n: usize, config: &str) -> Vec<Server> {
-    let url = redis.url();
+    nodes_on(&redis.url(), n, config)
+}
+
+fn nodes_on(url: &str, n: usize, config: &str) -> Vec<Server> {
     (0..n)
         .map(|i| {
             let id = format!("node{i}");
@@ -24,7 +27,7 @@ fn cluster(redis: &Redis, n: usize, config: &str) -> Vec<Server> {
                 &format!("{FAST}{config}"),
                 &[
                     "--redis-url",
-                    &url,
+                    url,
                     "--node-id",
                     &id,
                     "--api-key",
@@ -510,4 +513,102 @@ async fn disconnect_by_user_reaches_every_node_and_nodes_are_listed() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn redis_cluster_fans_out_in_order_and_recovers_across_slots() {
+    let redis = RedisCluster::start();
+    let nodes = nodes_on(
+        &redis.url(),
+        3,
+        "[limits]\ncommands_per_second = 100000\ncommand_burst = 100000\n",
+    );
+    // Channels whose hash tags land on different masters.
+    let channels: Vec<String> = (0..12).map(|i| format!("room{i}")).collect();
+    let mut subs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut c = node
+            .client(if i % 2 == 0 {
+                Encoding::Proto
+            } else {
+                Encoding::Json
+            })
+            .await;
+        for ch in &channels {
+            ok(c.call(subscribe(ch)).await);
+        }
+        subs.push(c);
+    }
+    let mut publishers = Vec::new();
+    for node in &nodes {
+        publishers.push(node.client(Encoding::Proto).await);
+    }
+    for round in 0..5 {
+        for (k, ch) in channels.iter().enumerate() {
+            let p = &mut publishers[(round + k) % 3];
+            ok(p.call(publish(ch, format!("{ch}-{round}"))).await);
+        }
+    }
+    for c in &mut subs {
+        let got = collect(c, channels.len() * 5).await;
+        for ch in &channels {
+            let mine: Vec<u64> = got
+                .iter()
+                .filter(|p| &p.channel == ch)
+                .map(|p| p.offset)
+                .collect();
+            assert_eq!(mine, vec![1, 2, 3, 4, 5], "{ch}");
+        }
+    }
+    // A client that missed some recovers them from the cluster's streams.
+    let mut late = nodes[2].client(Encoding::Proto).await;
+    let Body::Subscribe(s) = ok(late.call(subscribe("room7")).await) else {
+        panic!()
+    };
+    assert_eq!(s.offset, 5);
+    drop(late);
+    for i in 6..=8 {
+        ok(publishers[0].call(publish("room7", format!("{i}"))).await);
+    }
+    let mut back = nodes[1].client(Encoding::Proto).await;
+    let Body::Subscribe(r) = ok(back.call(recover("room7", 5, &s.epoch)).await) else {
+        panic!()
+    };
+    assert!(r.recovered);
+    assert_eq!(offsets(&r.publications), vec![6, 7, 8]);
+}
+
+#[tokio::test]
+async fn redis_cluster_pubsub_drops_are_repaired_from_the_stream() {
+    let redis = RedisCluster::start();
+    let nodes = nodes_on(
+        &redis.url(),
+        2,
+        "[limits]\ncommands_per_second = 100000\ncommand_burst = 100000\n[namespaces.r]\nhistory_size = 1000\n",
+    );
+    let mut sub = nodes[1].client(Encoding::Proto).await;
+    ok(sub.call(subscribe("r:cluster")).await);
+    let mut publisher = nodes[0].client(Encoding::Proto).await;
+    let total = 200u64;
+    let mut sent = 0;
+    while sent < total {
+        let r = publisher
+            .call(publish("r:cluster", format!("{sent}")))
+            .await;
+        match error_code(&r) {
+            None => sent += 1,
+            // The kill below also drops command connections; the publisher retries.
+            Some(108) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("{other:?}"),
+        }
+        if sent % 50 == 25 && r.error.is_none() {
+            for m in redis.masters() {
+                m.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+            }
+        }
+    }
+    let got = collect(&mut sub, total as usize).await;
+    assert_eq!(offsets(&got), (1..=total).collect::<Vec<_>>());
+    sub.quiet_for(Duration::from_millis(200)).await;
+    assert!(nodes[1].metric("gateway_redis_pubsub_reconnects_total") >= 1.0);
 }

@@ -310,7 +310,10 @@ async fn node_process(addr: &str) -> Option<(f64, f64)> {
 async fn main() {
     let args = Args::parse();
     let stats = Arc::new(Stats::default());
-    let metrics_addr = args.metrics_addr.clone().unwrap_or_else(|| args.addr.clone());
+    let metrics_addr = args
+        .metrics_addr
+        .clone()
+        .unwrap_or_else(|| args.addr.clone());
     let before = if args.no_metrics {
         None
     } else {

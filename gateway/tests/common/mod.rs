@@ -474,8 +474,13 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, extra: &[&str]) {
         let aof = if self.persistent { "yes" } else { "no" };
         let child = Process::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -521,6 +526,16 @@ impl Redis {
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).ok()?;
         Some(line.trim_end().to_owned())
+    }
+
+    /// Sends one command and returns the whole reply (for bulk replies such as INFO).
+    pub fn cli_all(&self, args: &[&str]) -> Option<String> {
+        let out = Process::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn kill9(&mut self) {
@@ -651,4 +666,68 @@ pub fn api_at(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, s
         status,
         serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     )
+}
+
+/// A 3-master Redis Cluster of real `redis-server` processes (no replicas).
+pub struct RedisCluster {
+    masters: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        let dir = temp_dir("redis-cluster");
+        let masters: Vec<Redis> = (0..3)
+            .map(|i| {
+                let mut r = Redis {
+                    child: None,
+                    port: free_port(),
+                    dir: dir.join(i.to_string()),
+                    persistent: false,
+                };
+                std::fs::create_dir_all(&r.dir).unwrap();
+                r.spawn_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]);
+                r
+            })
+            .collect();
+        let addrs: Vec<String> = masters
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port))
+            .collect();
+        let status = Process::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        for m in &masters {
+            loop {
+                let info = m.cli_all(&["CLUSTER", "INFO"]).unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster never became ok"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self { masters }
+    }
+
+    /// Seed URLs for `--redis-url`.
+    pub fn url(&self) -> String {
+        self.masters
+            .iter()
+            .map(|m| format!("redis+cluster://127.0.0.1:{}", m.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn masters(&self) -> &[Redis] {
+        &self.masters
+    }
 }

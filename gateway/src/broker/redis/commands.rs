@@ -1,10 +1,16 @@
-//! The command side of one Redis server: a multiplexed connection (every command of the
-//! node pipelined over one socket) that reconnects with backoff and fails fast in between.
+//! The command side of one Redis server (a multiplexed connection: every command of the
+//! node pipelined over one socket) or of a Redis Cluster (redis-rs's cluster connection,
+//! routing by key slot), reconnecting with backoff and failing fast in between.
 //! Every call is bounded by the command timeout, so a frozen Redis costs a client one
 //! timeout, then 108 at once until Redis answers again.
 
 use crate::{backoff::Backoff, broker::BrokerError};
-use redis::{AsyncConnectionConfig, RedisError, RedisResult, aio::MultiplexedConnection};
+use redis::{
+    AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+    aio::{ConnectionLike, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
 use std::{
     future::Future,
     sync::{
@@ -14,19 +20,73 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// A connection to one Redis server, or to a Redis Cluster (routing by key slot).
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How to (re)connect.
+pub enum Connector {
+    Single(redis::Client, AsyncConnectionConfig),
+    Cluster(ClusterClient),
+}
+
+impl Connector {
+    async fn connect(&self) -> RedisResult<Conn> {
+        match self {
+            Self::Single(client, config) => client
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+                .map(Conn::Single),
+            Self::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+        }
+    }
+}
+
 struct State {
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     retry_at: Option<Instant>,
     backoff: Backoff,
 }
 
 pub struct Commands {
-    client: redis::Client,
-    config: AsyncConnectionConfig,
+    connector: Connector,
     timeout: Duration,
     state: Mutex<State>,
     connecting: tokio::sync::Mutex<()>,
     healthy: AtomicBool,
+    /// Bumped whenever a new connection replaces the old one.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Whether an error means the connection (not the command) failed.
@@ -40,9 +100,12 @@ impl Commands {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout));
+        Self::with_connector(Connector::Single(client, config), timeout)
+    }
+
+    pub fn with_connector(connector: Connector, timeout: Duration) -> Self {
         Self {
-            client,
-            config,
+            connector,
             timeout,
             state: Mutex::new(State {
                 conn: None,
@@ -51,7 +114,14 @@ impl Commands {
             }),
             connecting: tokio::sync::Mutex::new(()),
             healthy: AtomicBool::new(false),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Which connection is current; a change means server-side state (such as a cluster
+    /// connection's subscriptions) did not carry over.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     pub fn healthy(&self) -> bool {
@@ -63,7 +133,7 @@ impl Commands {
     }
 
     /// The live connection, or an error at once while in a backoff window.
-    fn current(&self) -> Result<Option<MultiplexedConnection>, BrokerError> {
+    fn current(&self) -> Result<Option<Conn>, BrokerError> {
         let s = self.state();
         if let Some(c) = &s.conn {
             return Ok(Some(c.clone()));
@@ -76,7 +146,7 @@ impl Commands {
         }
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, BrokerError> {
+    pub async fn connection(&self) -> Result<Conn, BrokerError> {
         if let Some(c) = self.current()? {
             return Ok(c);
         }
@@ -84,16 +154,14 @@ impl Commands {
         if let Some(c) = self.current()? {
             return Ok(c);
         }
-        let connect = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config);
-        match tokio::time::timeout(self.timeout, connect).await {
+        match tokio::time::timeout(self.timeout, self.connector.connect()).await {
             Ok(Ok(c)) => {
                 let mut s = self.state();
                 s.conn = Some(c.clone());
                 s.retry_at = None;
                 s.backoff.reset();
                 self.healthy.store(true, Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::Relaxed);
                 Ok(c)
             }
             Ok(Err(e)) => Err(self.failed(e.to_string())),
@@ -114,7 +182,7 @@ impl Commands {
     /// Runs `f` on the connection within the command timeout.
     pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let conn = self.connection().await?;

@@ -6,8 +6,10 @@
 //! - Live fan-out comes through K pub/sub connections per server ([`pubsub`]), one Redis
 //!   subscription per channel per node, and reaches the hub through [`delivery`], which
 //!   keeps per-channel offsets gapless by reading the stream when pub/sub dropped something.
-//! - Several URLs shard channels over independent Redis servers by rendezvous hashing.
+//! - Several URLs shard channels over independent Redis servers by rendezvous hashing;
+//!   `redis+cluster://` seed URLs use Redis Cluster with sharded pub/sub ([`cluster`]).
 
+mod cluster;
 mod commands;
 mod delivery;
 mod pubsub;
@@ -21,7 +23,8 @@ use broker_proto::{
     v1::{ClientInfo, Join, Leave, Publication, ServerFrame, server_frame::Body},
 };
 use bytes::Bytes;
-use commands::Commands;
+use cluster::ClusterPubSub;
+use commands::{Commands, Connector};
 use delivery::{Delivery, StreamPage, StreamReader};
 use prost::Message;
 use pubsub::{PubSub, PubSubConfig};
@@ -43,6 +46,7 @@ const NODE_TTL_MS: i64 = 15_000;
 /// Redis-side settings (`[redis]` in the config file).
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
+    /// `redis://` URLs of independent servers, or `redis+cluster://` seeds of one cluster.
     pub urls: Vec<String>,
     pub prefix: String,
     pub pubsub_connections: usize,
@@ -119,15 +123,52 @@ fn pick_server(urls: &[String], channel: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// The pub/sub side of one server or of the cluster.
+enum Subscriber {
+    Single(PubSub),
+    Cluster(ClusterPubSub),
+}
+
 struct Server {
     commands: Arc<Commands>,
-    pubsub: Vec<PubSub>,
+    pubsub: Vec<Subscriber>,
 }
+
+impl Subscriber {
+    async fn subscribe(&self, redis_channel: String, timeout: Duration) -> Result<(), BrokerError> {
+        match self {
+            Self::Single(p) => p.subscribe(redis_channel, timeout).await,
+            Self::Cluster(p) => p.subscribe(redis_channel, timeout).await,
+        }
+    }
+
+    fn unsubscribe(&self, redis_channel: String) {
+        match self {
+            Self::Single(p) => p.unsubscribe(redis_channel),
+            Self::Cluster(p) => p.unsubscribe(redis_channel),
+        }
+    }
+}
+
+impl Server {
+    fn connected(&self) -> bool {
+        self.commands.healthy()
+            && self.pubsub.iter().all(|p| match p {
+                Subscriber::Single(p) => p.connected(),
+                // redis-rs reconnects the cluster connection itself; commands share it.
+                Subscriber::Cluster(_) => true,
+            })
+    }
+}
+
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
 pub struct RedisBroker {
     config: RedisConfig,
     keys: Keys,
     servers: Vec<Server>,
+    /// Redis Cluster: one logical server, SPUBLISH instead of PUBLISH.
+    cluster: bool,
     delivery: Arc<Delivery>,
     publish: redis::Script,
     history: redis::Script,
@@ -177,16 +218,48 @@ impl RedisBroker {
             prefix: config.prefix.clone(),
         };
         let delivery = Arc::new(Delivery::new(hub.clone(), keys.clone()));
+        let pubsub_config = PubSubConfig {
+            timeout: config.command_timeout,
+            unsubscribe_delay: config.unsubscribe_delay,
+            probe_interval: config.probe_interval,
+        };
+        let cluster = config.urls.iter().any(|u| u.starts_with(CLUSTER_SCHEME));
         let mut servers = Vec::new();
-        for (i, url) in config.urls.iter().enumerate() {
+        if cluster {
+            let seeds: Vec<String> = config
+                .urls
+                .iter()
+                .map(|u| u.replacen(CLUSTER_SCHEME, "redis://", 1))
+                .collect();
+            let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+            let client = redis::cluster::ClusterClient::builder(seeds)
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(push_tx)
+                .connection_timeout(config.command_timeout)
+                .response_timeout(config.command_timeout)
+                .build()
+                .map_err(|e| format!("redis cluster urls: {e}"))?;
+            let commands = Arc::new(Commands::with_connector(
+                Connector::Cluster(client),
+                config.command_timeout,
+            ));
+            let sub = ClusterPubSub::spawn(
+                commands.clone(),
+                push_rx,
+                delivery.clone(),
+                keys.clone(),
+                keys.control(),
+                pubsub_config.clone(),
+            );
+            servers.push(Server {
+                commands,
+                pubsub: vec![Subscriber::Cluster(sub)],
+            });
+        }
+        for (i, url) in config.urls.iter().enumerate().filter(|_| !cluster) {
             let client =
                 redis::Client::open(url.as_str()).map_err(|e| format!("redis url {url:?}: {e}"))?;
             let commands = Arc::new(Commands::new(client.clone(), config.command_timeout));
-            let pubsub_config = PubSubConfig {
-                timeout: config.command_timeout,
-                unsubscribe_delay: config.unsubscribe_delay,
-                probe_interval: config.probe_interval,
-            };
             let pubsub = (0..config.pubsub_connections.max(1))
                 .map(|k| {
                     // Control messages are heard once per server, on its first connection.
@@ -196,7 +269,7 @@ impl RedisBroker {
                         Vec::new()
                     };
                     let probe = format!("{}probe:{node_id}:{i}:{k}", config.prefix);
-                    PubSub::spawn(
+                    Subscriber::Single(PubSub::spawn(
                         client.clone(),
                         commands.clone(),
                         delivery.clone(),
@@ -204,7 +277,7 @@ impl RedisBroker {
                         probe,
                         extra,
                         pubsub_config.clone(),
-                    )
+                    ))
                 })
                 .collect();
             servers.push(Server { commands, pubsub });
@@ -212,6 +285,7 @@ impl RedisBroker {
         let broker = Arc::new(Self {
             keys,
             servers,
+            cluster,
             delivery: delivery.clone(),
             publish: redis::Script::new(scripts::PUBLISH),
             history: redis::Script::new(scripts::HISTORY),
@@ -225,13 +299,20 @@ impl RedisBroker {
     }
 
     fn server(&self, channel: &str) -> &Server {
+        if self.cluster {
+            return &self.servers[0];
+        }
         &self.servers[pick_server(&self.config.urls, channel)]
     }
 
-    fn pubsub(&self, channel: &str) -> &PubSub {
+    fn pubsub(&self, channel: &str) -> &Subscriber {
         let server = self.server(channel);
         let k = stable_hash(&[channel.as_bytes()]) as usize % server.pubsub.len();
         &server.pubsub[k]
+    }
+
+    fn publish_command(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
 
     /// Reads `(offset, epoch)` and up to `count` publications after `since`.
@@ -436,6 +517,7 @@ impl Broker for RedisBroker {
         let ttl = options.history_ttl_seconds.max(1);
         let (stream, meta, pubsub) = (self.keys.stream(c), self.keys.meta(c), self.keys.pubsub(c));
         let script = &self.publish;
+        let command = self.publish_command().to_ascii_lowercase();
         let reply: Vec<Value> = self
             .server(c)
             .commands
@@ -452,6 +534,7 @@ impl Broker for RedisBroker {
                     .arg(ttl.max(MIN_IDEMPOTENCY_TTL_SECONDS))
                     .arg(if has_key { "1" } else { "0" })
                     .arg(META_TTL_SECONDS.max(ttl))
+                    .arg(command)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -685,9 +768,7 @@ impl Broker for RedisBroker {
     }
 
     fn ready(&self) -> bool {
-        self.servers
-            .iter()
-            .all(|s| s.commands.healthy() && s.pubsub.iter().all(PubSub::connected))
+        self.servers.iter().all(Server::connected)
     }
 }
 

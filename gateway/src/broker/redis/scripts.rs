@@ -2,7 +2,8 @@
 //! atomic, and every key it touches shares the channel's `{…}` hash tag (one Cluster slot).
 
 /// KEYS: stream, meta, idempotency key. ARGV: payload, history size, history TTL (s),
-/// candidate epoch, pub/sub channel, idempotency TTL (s), has key ("1"/"0"), meta TTL (s).
+/// candidate epoch, pub/sub channel, idempotency TTL (s), has key ("1"/"0"), meta TTL (s),
+/// publish command (`publish`, or `spublish` on Redis Cluster).
 /// Returns {offset, epoch, duplicate}. The pub/sub message is "<offset> <epoch> <payload>".
 pub const PUBLISH: &str = r#"
 if ARGV[7] == '1' then
@@ -26,7 +27,7 @@ if tonumber(ARGV[2]) > 0 then
   redis.call('expire', KEYS[1], ARGV[3])
   redis.call('expire', KEYS[2], ARGV[8])
 end
-redis.call('publish', ARGV[5], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
+redis.call(ARGV[9], ARGV[5], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
 if ARGV[7] == '1' then
   redis.call('set', KEYS[3], offset .. ' ' .. epoch, 'EX', ARGV[6])
 end
