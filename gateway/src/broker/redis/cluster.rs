@@ -2,8 +2,13 @@
 //! commands) carries every `SSUBSCRIBE`; redis-rs routes each to the master owning the
 //! channel's slot and re-subscribes, slot by slot, after reconnects and topology changes.
 //! This task keeps the node's reference counts and delayed unsubscribes, as the
-//! single-server task does, and turns each re-subscribe confirmation into a stream repair
-//! of that channel, since messages published meanwhile were not delivered.
+//! single-server task does.
+//!
+//! Trap: redis-rs 1.8 re-subscribes a reconnected node with one SSUBSCRIBE listing all its
+//! shard channels, which Redis refuses with CROSSSLOT as soon as the node serves channels
+//! in more than one slot. So on every disconnection this task re-subscribes each channel
+//! itself, one channel (one slot) per call, and then repairs every channel from its stream,
+//! since messages published meanwhile were not delivered.
 
 use super::{
     Keys,
@@ -33,8 +38,6 @@ pub struct ClusterPubSub {
 struct Sub {
     refs: usize,
     subscribed: bool,
-    /// Subscribe confirmations seen; every one after the first is a re-subscription.
-    confirmations: u32,
     idle_since: Option<Instant>,
 }
 
@@ -58,6 +61,7 @@ impl ClusterPubSub {
             rx,
             subs: HashMap::new(),
             generation: None,
+            resubscribe: false,
         };
         tokio::spawn(task.run());
         Self { tx }
@@ -98,6 +102,8 @@ struct Task {
     subs: HashMap<String, Sub>,
     /// The command connection's generation our subscriptions live on.
     generation: Option<u64>,
+    /// A connection dropped: every channel must be subscribed again, one per call.
+    resubscribe: bool,
 }
 
 fn bulk_str(v: &Value) -> Option<String> {
@@ -116,11 +122,11 @@ impl Task {
         }
     }
 
-    /// After a new connection: its subscriptions are empty; subscribe everything again,
-    /// one channel (so one slot) per call, and repair what was missed.
+    /// After a new connection (whose subscriptions are empty) or a dropped one: subscribe
+    /// everything again, one channel (so one slot) per call, then repair what was missed.
     async fn ensure_subscribed(&mut self) {
         let generation = self.commands.generation();
-        if self.generation == Some(generation) {
+        if self.generation == Some(generation) && !self.resubscribe {
             return;
         }
         let Ok(mut conn) = self.cluster().await else {
@@ -144,12 +150,13 @@ impl Task {
                 tokio::time::timeout(timeout, conn.ssubscribe(name)).await,
                 Ok(Ok(()))
             ) {
-                return;
+                return; // retried on the next tick
             }
         }
-        let fresh = self.generation.is_some();
+        let again = self.generation.is_some();
         self.generation = Some(generation);
-        if fresh {
+        self.resubscribe = false;
+        if again {
             crate::metrics::pubsub_reconnect();
             self.delivery.repair_all(&names);
         }
@@ -250,18 +257,10 @@ impl Task {
                     self.delivery.on_message(&channel, payload);
                 }
             }
-            PushKind::SSubscribe => {
-                let Some(channel) = push.data.first().and_then(bulk_str) else {
-                    return;
-                };
-                if let Some(s) = self.subs.get_mut(&channel) {
-                    s.confirmations += 1;
-                    if s.confirmations > 1 {
-                        // redis-rs re-subscribed after a reconnect or a slot move.
-                        crate::metrics::pubsub_reconnect();
-                        self.delivery.repair_all(&[channel]);
-                    }
-                }
+            PushKind::Disconnection => {
+                // Some master's connection dropped; redis-rs reconnects it, and the next
+                // tick re-subscribes and repairs.
+                self.resubscribe = true;
             }
             _ => {}
         }
