@@ -625,3 +625,43 @@ async fn redis_cluster_pubsub_drops_are_repaired_from_the_stream() {
     sub.quiet_for(Duration::from_millis(200)).await;
     assert!(nodes[1].metric("gateway_redis_pubsub_reconnects_total") >= 1.0);
 }
+
+#[tokio::test]
+async fn channels_are_sharded_over_independent_redis_servers() {
+    let (a, b) = (Redis::start(false), Redis::start(false));
+    let url = format!("{},{}", a.url(), b.url());
+    let nodes = nodes_on(&url, 2, "");
+    let channels: Vec<String> = (0..16).map(|i| format!("shard{i}")).collect();
+    let mut sub = nodes[1].client(Encoding::Proto).await;
+    for ch in &channels {
+        ok(sub.call(subscribe(ch)).await);
+    }
+    let mut publisher = nodes[0].client(Encoding::Proto).await;
+    for ch in &channels {
+        for i in 0..3 {
+            ok(publisher.call(publish(ch, format!("{i}"))).await);
+        }
+    }
+    let got = collect(&mut sub, channels.len() * 3).await;
+    for ch in &channels {
+        let mine: Vec<u64> = got
+            .iter()
+            .filter(|p| &p.channel == ch)
+            .map(|p| p.offset)
+            .collect();
+        assert_eq!(mine, vec![1, 2, 3], "{ch}");
+    }
+    // Both servers hold some of the channels' streams, and no channel is on both.
+    let on = |r: &Redis, ch: &str| {
+        r.cli(&["EXISTS", &format!("gw:{{{ch}}}:s")]).as_deref() == Some(":1")
+    };
+    let (on_a, on_b): (Vec<_>, Vec<_>) = (
+        channels.iter().filter(|c| on(&a, c)).collect(),
+        channels.iter().filter(|c| on(&b, c)).collect(),
+    );
+    assert!(
+        !on_a.is_empty() && !on_b.is_empty(),
+        "a: {on_a:?} b: {on_b:?}"
+    );
+    assert_eq!(on_a.len() + on_b.len(), channels.len());
+}
