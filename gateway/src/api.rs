@@ -280,16 +280,6 @@ async fn publish_one(
     options: &NamespaceOptions,
     publish: Publish,
 ) -> Result<crate::broker::Position, CommandError> {
-    if publish.data.len() > options.max_message_bytes {
-        return Err(CommandError::new(
-            ErrorCode::MessageTooLarge,
-            format!(
-                "publication of {} bytes exceeds {}",
-                publish.data.len(),
-                options.max_message_bytes
-            ),
-        ));
-    }
     let request = PublishRequest {
         data: publish.data,
         content_type: publish.content_type,

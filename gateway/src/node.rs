@@ -128,6 +128,16 @@ impl Node {
         request: PublishRequest,
         source: &'static str,
     ) -> Result<Position, CommandError> {
+        if request.data.len() > options.max_message_bytes {
+            return Err(CommandError::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "publication of {} bytes exceeds {}",
+                    request.data.len(),
+                    options.max_message_bytes
+                ),
+            ));
+        }
         let started = Instant::now();
         let result = self.broker.publish(channel, options, request).await;
         self.metrics

@@ -271,16 +271,6 @@ impl Session {
                 "clients may not publish in this namespace",
             ));
         }
-        if request.data.len() > options.max_message_bytes {
-            return Err(CommandError::new(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "publication of {} bytes exceeds {}",
-                    request.data.len(),
-                    options.max_message_bytes
-                ),
-            ));
-        }
         let publish = PublishRequest {
             data: request.data,
             content_type: request.content_type,

@@ -14,7 +14,7 @@ use super::{
     Keys,
     commands::{Commands, Conn},
     delivery::Delivery,
-    pubsub::PubSubConfig,
+    pubsub::{Command, PubSubConfig, request_subscribe},
 };
 use crate::broker::BrokerError;
 use redis::{PushInfo, PushKind, Value};
@@ -23,12 +23,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use tokio::sync::{mpsc, oneshot};
-
-enum Command {
-    Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
-    Unsubscribe(String),
-}
+use tokio::sync::mpsc;
 
 pub struct ClusterPubSub {
     tx: mpsc::UnboundedSender<Command>,
@@ -72,18 +67,7 @@ impl ClusterPubSub {
         redis_channel: String,
         timeout: Duration,
     ) -> Result<(), BrokerError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Subscribe(redis_channel.clone(), reply))
-            .map_err(|_| BrokerError::Internal("pub/sub task gone".into()))?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(BrokerError::Internal("pub/sub task gone".into())),
-            Err(_) => {
-                let _ = self.tx.send(Command::Unsubscribe(redis_channel));
-                Err(BrokerError::Unavailable("redis subscribe timed out".into()))
-            }
-        }
+        request_subscribe(&self.tx, redis_channel, timeout).await
     }
 
     pub fn unsubscribe(&self, redis_channel: String) {

@@ -212,6 +212,13 @@ fn bad_reply(what: &str) -> BrokerError {
     BrokerError::Internal(format!("unexpected redis reply to {what}"))
 }
 
+/// The `{offset, epoch, …}` head that the publish and history scripts both return.
+fn position_reply(reply: &[Value], what: &str) -> Result<Position, BrokerError> {
+    let offset = reply.first().and_then(int).ok_or_else(|| bad_reply(what))? as u64;
+    let epoch = reply.get(1).map(text).ok_or_else(|| bad_reply(what))?;
+    Ok(Position { offset, epoch })
+}
+
 impl RedisBroker {
     pub fn new(config: RedisConfig, node_id: &str, hub: Arc<Hub>) -> Result<Arc<Self>, String> {
         let keys = Keys {
@@ -340,11 +347,7 @@ impl RedisBroker {
                     .await
             })
             .await?;
-        let offset = reply
-            .first()
-            .and_then(int)
-            .ok_or_else(|| bad_reply("history"))? as u64;
-        let epoch = reply.get(1).map(text).ok_or_else(|| bad_reply("history"))?;
+        let Position { offset, epoch } = position_reply(&reply, "history")?;
         let mut publications = Vec::new();
         for pair in reply[2..].chunks(2) {
             let [id, data] = pair else {
@@ -539,12 +542,7 @@ impl Broker for RedisBroker {
                     .await
             })
             .await?;
-        let offset = reply
-            .first()
-            .and_then(int)
-            .ok_or_else(|| bad_reply("publish"))? as u64;
-        let epoch = reply.get(1).map(text).ok_or_else(|| bad_reply("publish"))?;
-        Ok(Position { offset, epoch })
+        position_reply(&reply, "publish")
     }
 
     async fn history(

@@ -27,9 +27,30 @@ pub struct PubSubConfig {
     pub probe_interval: Duration,
 }
 
-enum Command {
+/// What sessions ask of a pub/sub task (this one or the cluster's).
+pub(super) enum Command {
     Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(String),
+}
+
+/// Asks a pub/sub task to subscribe and waits until the subscription is live in Redis.
+pub(super) async fn request_subscribe(
+    tx: &mpsc::UnboundedSender<Command>,
+    redis_channel: String,
+    timeout: Duration,
+) -> Result<(), BrokerError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Command::Subscribe(redis_channel.clone(), reply))
+        .map_err(|_| BrokerError::Internal("pub/sub task gone".into()))?;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(BrokerError::Internal("pub/sub task gone".into())),
+        Err(_) => {
+            // The task will still count this subscription when it gets to it; undo it.
+            let _ = tx.send(Command::Unsubscribe(redis_channel));
+            Err(BrokerError::Unavailable("redis subscribe timed out".into()))
+        }
+    }
 }
 
 /// Handle to one pub/sub connection task.
@@ -83,19 +104,7 @@ impl PubSub {
         redis_channel: String,
         timeout: Duration,
     ) -> Result<(), BrokerError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Subscribe(redis_channel.clone(), reply))
-            .map_err(|_| BrokerError::Internal("pub/sub task gone".into()))?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(BrokerError::Internal("pub/sub task gone".into())),
-            Err(_) => {
-                // The task will still count this subscription when it gets to it; undo it.
-                let _ = self.tx.send(Command::Unsubscribe(redis_channel));
-                Err(BrokerError::Unavailable("redis subscribe timed out".into()))
-            }
-        }
+        request_subscribe(&self.tx, redis_channel, timeout).await
     }
 
     pub fn unsubscribe(&self, redis_channel: String) {
