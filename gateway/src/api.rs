@@ -179,7 +179,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
             let body = read_body(node, req).await?;
             let publish: Publish =
                 serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
-            let (channel, options) = channel(node, &publish.channel)?;
+            let (channel, options) = node.channel(&publish.channel)?;
             let position = publish_one(node, &channel, &options, publish).await?;
             Ok(ok(&PublishResult {
                 offset: position.offset,
@@ -214,7 +214,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
         (Method::GET, p) if p.starts_with("/api/v1/channels/") => {
             let rest = &p["/api/v1/channels/".len()..];
             if let Some(name) = rest.strip_suffix("/history") {
-                let (channel, options) = channel(node, &percent_decode(name)?)?;
+                let (channel, options) = node.channel(&percent_decode(name)?)?;
                 let since = parse_param(&query, "since_offset")?.unwrap_or(0);
                 let limit = parse_param(&query, "limit")?.unwrap_or(0);
                 let limit = u32::try_from(limit).map_err(|_| bad_request("limit too large"))?;
@@ -225,7 +225,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
                     publications: page.publications,
                 }))
             } else if let Some(name) = rest.strip_suffix("/presence") {
-                let (channel, options) = channel(node, &percent_decode(name)?)?;
+                let (channel, options) = node.channel(&percent_decode(name)?)?;
                 if !options.presence {
                     return Err(CommandError::new(
                         ErrorCode::PermissionDenied,
@@ -256,22 +256,6 @@ async fn read_body(node: &Node, req: Request<Incoming>) -> Result<Bytes, Command
         )),
         Err(e) => Err(bad_request(format!("reading body: {e}"))),
     }
-}
-
-fn channel(node: &Node, name: &str) -> Result<(ChannelName, NamespaceOptions), CommandError> {
-    let channel = ChannelName::parse(name)
-        .map_err(|e| CommandError::new(ErrorCode::UnknownChannel, e.to_string()))?;
-    let options = *node
-        .config
-        .namespaces
-        .get(channel.namespace())
-        .ok_or_else(|| {
-            CommandError::new(
-                ErrorCode::UnknownChannel,
-                format!("unknown namespace {:?}", channel.namespace()),
-            )
-        })?;
-    Ok((channel, options))
 }
 
 async fn publish_one(
@@ -345,7 +329,7 @@ async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandEr
             content_type: req.content_type.clone(),
             idempotency_key: req.idempotency_key.clone(),
         };
-        let result = match channel(node, name) {
+        let result = match node.channel(name) {
             Ok((channel, options)) => publish_one(node, &channel, &options, publish).await,
             Err(e) => Err(e),
         };

@@ -108,6 +108,23 @@ impl Node {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Validates a channel name and finds its namespace's options (error 102 otherwise).
+    pub fn channel(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), CommandError> {
+        let channel = ChannelName::parse(name)
+            .map_err(|e| CommandError::new(ErrorCode::UnknownChannel, e.to_string()))?;
+        let options = *self
+            .config
+            .namespaces
+            .get(channel.namespace())
+            .ok_or_else(|| {
+                CommandError::new(
+                    ErrorCode::UnknownChannel,
+                    format!("unknown namespace {:?}", channel.namespace()),
+                )
+            })?;
+        Ok((channel, options))
+    }
+
     /// This node's entry in the node registry.
     pub fn info(&self) -> crate::broker::NodeInfo {
         crate::broker::NodeInfo {

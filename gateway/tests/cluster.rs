@@ -665,3 +665,42 @@ async fn channels_are_sharded_over_independent_redis_servers() {
     );
     assert_eq!(on_a.len() + on_b.len(), channels.len());
 }
+
+/// Join and Leave pushes cross nodes like publications do, on one Redis and on a cluster.
+async fn join_and_leave_cross_nodes(url: &str) {
+    let nodes = nodes_on(url, 2, "[namespaces.chat]\njoin_leave = true\n");
+    let mut watcher = nodes[0].client(Encoding::Proto).await;
+    ok(watcher.call(subscribe("chat:lobby")).await);
+    assert!(matches!(watcher.push().await, Body::Join(_)), "own join");
+    let mut guest = nodes[1].client(Encoding::Json).await;
+    let Body::Connect(info) = ok(guest.call(Command::Connect(Connect::default())).await) else {
+        panic!()
+    };
+    ok(guest.call(subscribe("chat:lobby")).await);
+    match watcher.push().await {
+        Body::Join(j) => assert_eq!(j.info.unwrap().client, info.client),
+        other => panic!("{other:?}"),
+    }
+    let (status, presence) = nodes[0].api("GET", "/api/v1/channels/chat:lobby/presence", "");
+    assert_eq!(
+        (status, presence["clients"].as_array().map(Vec::len)),
+        (200, Some(2))
+    );
+    drop(guest);
+    match watcher.push().await {
+        Body::Leave(l) => assert_eq!(l.info.unwrap().client, info.client),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn join_and_leave_cross_nodes_on_one_redis() {
+    let redis = Redis::start(false);
+    join_and_leave_cross_nodes(&redis.url()).await;
+}
+
+#[tokio::test]
+async fn join_and_leave_cross_nodes_on_a_redis_cluster() {
+    let redis = RedisCluster::start();
+    join_and_leave_cross_nodes(&redis.url()).await;
+}

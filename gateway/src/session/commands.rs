@@ -83,19 +83,7 @@ impl Session {
 
     /// Validates a channel name and checks that this client may use it.
     fn authorize(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), CommandError> {
-        let channel = ChannelName::parse(name)
-            .map_err(|e| CommandError::new(ErrorCode::UnknownChannel, e.to_string()))?;
-        let options = *self
-            .node
-            .config
-            .namespaces
-            .get(channel.namespace())
-            .ok_or_else(|| {
-                CommandError::new(
-                    ErrorCode::UnknownChannel,
-                    format!("unknown namespace {:?}", channel.namespace()),
-                )
-            })?;
+        let (channel, options) = self.node.channel(name)?;
         if self.node.verifier.enabled() && self.identity.is_none() && !options.allow_anonymous {
             return Err(CommandError::new(
                 ErrorCode::Unauthorized,

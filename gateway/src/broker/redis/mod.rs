@@ -382,18 +382,14 @@ impl RedisBroker {
         };
         let mut message = b"0  ".to_vec();
         message.extend_from_slice(&frame.encode_to_vec());
-        let name = self.keys.pubsub(channel.as_str());
-        self.server(channel.as_str())
-            .commands
-            .run(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(name)
-                    .arg(message)
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
-            .await
-            .map(|_| ())
+        let server = self.server(channel.as_str());
+        publish_raw(
+            server,
+            self.publish_command(),
+            self.keys.pubsub(channel.as_str()),
+            message,
+        )
+        .await
     }
 
     async fn presence_add(
@@ -461,6 +457,26 @@ impl RedisBroker {
     pub fn presence_ttl(&self) -> Duration {
         self.config.presence_ttl
     }
+}
+
+/// One PUBLISH (or SPUBLISH) outside the scripts: presence pushes and control messages.
+async fn publish_raw(
+    server: &Server,
+    command: &str,
+    channel: String,
+    message: Vec<u8>,
+) -> Result<(), BrokerError> {
+    server
+        .commands
+        .run(|mut c| async move {
+            redis::cmd(command)
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
 }
 
 /// Lets the delivery tracker read streams without owning the broker.
@@ -701,20 +717,15 @@ impl Broker for RedisBroker {
 
     async fn disconnect_user(&self, user: &str) -> Result<(), BrokerError> {
         let message = format!("disconnect {user}");
-        let control = self.keys.control();
-        // Every node hears control messages from every server; sending through the first
-        // is enough.
-        self.servers[0]
-            .commands
-            .run(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(control)
-                    .arg(message)
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
-            .await
-            .map(|_| ())
+        // Every node hears control messages from every server (or the whole cluster);
+        // sending through the first is enough.
+        publish_raw(
+            &self.servers[0],
+            "PUBLISH",
+            self.keys.control(),
+            message.into_bytes(),
+        )
+        .await
     }
 
     async fn heartbeat(&self, info: &NodeInfo) -> Result<(), BrokerError> {
