@@ -100,8 +100,11 @@ impl Keys {
     }
 }
 
-/// FNV-1a: stable across processes and versions, unlike std's hasher, so every node maps a
-/// channel to the same server and connection.
+/// FNV-1a, then murmur3's 64-bit finalizer: stable across processes and versions (unlike
+/// std's hasher), so every node maps a channel to the same server and connection. The
+/// finalizer matters: plain FNV-1a of two URLs differing only in the port digits ranks the
+/// servers the same way for most channels, and rendezvous hashing then piles every channel
+/// onto one server.
 fn stable_hash(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {
@@ -112,7 +115,11 @@ fn stable_hash(parts: &[&[u8]]) -> u64 {
         h ^= 0xff;
         h = h.wrapping_mul(0x100_0000_01b3);
     }
-    h
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// Rendezvous hashing: the server with the highest score for the channel wins, so adding
@@ -300,6 +307,19 @@ impl RedisBroker {
             local_presence: Mutex::default(),
             config,
         });
+        // Connect to every server now: readiness needs each command connection to have
+        // answered once, and a bad URL or a down server shows up at startup.
+        for server in &broker.servers {
+            let commands = server.commands.clone();
+            tokio::spawn(async move {
+                let ping = |mut c: commands::Conn| async move {
+                    redis::cmd("PING").query_async::<String>(&mut c).await
+                };
+                if let Err(e) = commands.run(ping).await {
+                    tracing::warn!(error = %e, "redis not reachable at startup; retrying in the background");
+                }
+            });
+        }
         let reader: Arc<dyn StreamReader> = Arc::new(Reader(Arc::downgrade(&broker)));
         let _ = delivery.reader.set(reader);
         Ok(broker)
@@ -807,6 +827,27 @@ mod tests {
         assert_eq!(k.pubsub("chat:room"), "gw:{chat:room}");
         assert_eq!(k.channel_of("gw:{chat:room}"), Some("chat:room"));
         assert_eq!(k.channel_of("gw:control"), None);
+    }
+
+    #[test]
+    fn rendezvous_hashing_spreads_channels_whatever_the_ports() {
+        let channels: Vec<String> = (0..1000).map(|i| format!("shard{i}")).collect();
+        for seed in 0..50u32 {
+            // Pairs of nearby ports like the ones tests and deployments get.
+            let port = 20_000 + seed * 797 % 40_000;
+            let urls = vec![
+                format!("redis://127.0.0.1:{port}"),
+                format!("redis://127.0.0.1:{}", port + 1 + seed % 7),
+            ];
+            let on_first = channels
+                .iter()
+                .filter(|c| pick_server(&urls, c) == 0)
+                .count();
+            assert!(
+                (350..650).contains(&on_first),
+                "{urls:?}: {on_first} of 1000 on the first server"
+            );
+        }
     }
 
     #[test]
