@@ -394,7 +394,9 @@ async fn a_slow_consumer_on_one_node_does_not_delay_the_others() {
     let nodes = cluster(
         &redis,
         2,
-        "[limits]\noutbound_queue_bytes = 65536\n[namespaces.big]\nhistory_size = 1000\nmax_message_bytes = 65536\n",
+        // 1 MiB of queue is slack enough for a reader on a busy machine; 24 MB published
+        // is more than a non-reader's kernel buffers and queue together.
+        "[limits]\noutbound_queue_bytes = 1048576\n[namespaces.big]\nhistory_size = 1000\nmax_message_bytes = 65536\n",
     );
     let mut slow = nodes[1].client(Encoding::Proto).await;
     ok(slow.call(subscribe("big:feed")).await);
@@ -402,7 +404,7 @@ async fn a_slow_consumer_on_one_node_does_not_delay_the_others() {
     ok(fast_same.call(subscribe("big:feed")).await);
     let mut fast_other = nodes[0].client(Encoding::Proto).await;
     ok(fast_other.call(subscribe("big:feed")).await);
-    let payload = "x".repeat(30_000);
+    let payload = "x".repeat(60_000);
     let total = 400u64;
     // The fast subscribers read while the publisher runs; `slow` reads nothing.
     let readers: Vec<_> = [fast_same, fast_other]
