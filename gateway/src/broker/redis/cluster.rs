@@ -14,7 +14,7 @@ use super::{
     Keys,
     commands::{Commands, Conn},
     delivery::Delivery,
-    pubsub::{Command, PubSubConfig, request_subscribe},
+    pubsub::{Command, PubSub, PubSubConfig},
 };
 use crate::broker::BrokerError;
 use redis::{PushInfo, PushKind, Value};
@@ -25,9 +25,8 @@ use std::{
 };
 use tokio::sync::mpsc;
 
-pub struct ClusterPubSub {
-    tx: mpsc::UnboundedSender<Command>,
-}
+/// Spawns the cluster's subscription task; see the module doc.
+pub struct ClusterPubSub;
 
 #[derive(Default)]
 struct Sub {
@@ -44,7 +43,7 @@ impl ClusterPubSub {
         keys: Keys,
         control: String,
         config: PubSubConfig,
-    ) -> Self {
+    ) -> PubSub {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = Task {
             commands,
@@ -59,19 +58,7 @@ impl ClusterPubSub {
             resubscribe: false,
         };
         tokio::spawn(task.run());
-        Self { tx }
-    }
-
-    pub async fn subscribe(
-        &self,
-        redis_channel: String,
-        timeout: Duration,
-    ) -> Result<(), BrokerError> {
-        request_subscribe(&self.tx, redis_channel, timeout).await
-    }
-
-    pub fn unsubscribe(&self, redis_channel: String) {
-        let _ = self.tx.send(Command::Unsubscribe(redis_channel));
+        PubSub::always_connected(tx)
     }
 }
 

@@ -130,41 +130,14 @@ fn pick_server(urls: &[String], channel: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// The pub/sub side of one server or of the cluster.
-enum Subscriber {
-    Single(PubSub),
-    Cluster(ClusterPubSub),
-}
-
 struct Server {
     commands: Arc<Commands>,
-    pubsub: Vec<Subscriber>,
-}
-
-impl Subscriber {
-    async fn subscribe(&self, redis_channel: String, timeout: Duration) -> Result<(), BrokerError> {
-        match self {
-            Self::Single(p) => p.subscribe(redis_channel, timeout).await,
-            Self::Cluster(p) => p.subscribe(redis_channel, timeout).await,
-        }
-    }
-
-    fn unsubscribe(&self, redis_channel: String) {
-        match self {
-            Self::Single(p) => p.unsubscribe(redis_channel),
-            Self::Cluster(p) => p.unsubscribe(redis_channel),
-        }
-    }
+    pubsub: Vec<PubSub>,
 }
 
 impl Server {
     fn connected(&self) -> bool {
-        self.commands.healthy()
-            && self.pubsub.iter().all(|p| match p {
-                Subscriber::Single(p) => p.connected(),
-                // redis-rs reconnects the cluster connection itself; commands share it.
-                Subscriber::Cluster(_) => true,
-            })
+        self.commands.healthy() && self.pubsub.iter().all(PubSub::connected)
     }
 }
 
@@ -267,7 +240,7 @@ impl RedisBroker {
             );
             servers.push(Server {
                 commands,
-                pubsub: vec![Subscriber::Cluster(sub)],
+                pubsub: vec![sub],
             });
         }
         for (i, url) in config.urls.iter().enumerate().filter(|_| !cluster) {
@@ -283,7 +256,7 @@ impl RedisBroker {
                         Vec::new()
                     };
                     let probe = format!("{}probe:{node_id}:{i}:{k}", config.prefix);
-                    Subscriber::Single(PubSub::spawn(
+                    PubSub::spawn(
                         client.clone(),
                         commands.clone(),
                         delivery.clone(),
@@ -291,7 +264,7 @@ impl RedisBroker {
                         probe,
                         extra,
                         pubsub_config.clone(),
-                    ))
+                    )
                 })
                 .collect();
             servers.push(Server { commands, pubsub });
@@ -332,7 +305,7 @@ impl RedisBroker {
         &self.servers[pick_server(&self.config.urls, channel)]
     }
 
-    fn pubsub(&self, channel: &str) -> &Subscriber {
+    fn pubsub(&self, channel: &str) -> &PubSub {
         let server = self.server(channel);
         let k = stable_hash(&[channel.as_bytes()]) as usize % server.pubsub.len();
         &server.pubsub[k]

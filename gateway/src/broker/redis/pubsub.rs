@@ -94,6 +94,15 @@ impl PubSub {
         Self { tx, connected }
     }
 
+    /// A handle to a task that tracks no connection state of its own (the cluster's,
+    /// whose connection redis-rs keeps up): it always counts as connected.
+    pub(super) fn always_connected(tx: mpsc::UnboundedSender<Command>) -> Self {
+        Self {
+            tx,
+            connected: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
