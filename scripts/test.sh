@@ -23,6 +23,8 @@ fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+echo "==> module layers (no import cycles, no arrows against the data flow)"
+python3 scripts/check-layers.py
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> unit and end-to-end tests"

@@ -6,11 +6,12 @@
 use crate::{
     broker::PublishRequest,
     channel::ChannelName,
+    channels::Limit,
     config::NamespaceOptions,
+    error::CommandError,
+    http::{self as h, Body},
     metrics,
     node::Node,
-    session::CommandError,
-    transport::{Body, full},
 };
 use base64::Engine;
 use broker_proto::{
@@ -18,19 +19,18 @@ use broker_proto::{
     v1::{HistoryResult, PresenceResult, Publish, PublishResult},
 };
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 use tower::{BoxError, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
 
 pub type Service = BoxCloneSyncService<Request<Incoming>, Response<Body>, BoxError>;
 
 pub fn service(node: Arc<Node>) -> Service {
-    let limits = &node.config.limits;
-    let timeout = Duration::from_millis(limits.api_timeout_ms);
-    let concurrency = limits.api_concurrency;
+    let timeout = node.config.api.timeout;
+    let concurrency = node.config.api.concurrency;
     let svc = ServiceBuilder::new()
         .load_shed()
         .concurrency_limit(concurrency)
@@ -84,16 +84,6 @@ fn status_for(code: ErrorCode) -> StatusCode {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 fn error_response(e: CommandError) -> Response<Body> {
     let body = ErrorBody {
         error: WireError {
@@ -102,7 +92,7 @@ fn error_response(e: CommandError) -> Response<Body> {
             temporary: e.code.temporary(),
         },
     };
-    json_response(
+    h::json(
         status_for(e.code),
         serde_json::to_vec(&body).unwrap_or_default(),
     )
@@ -110,13 +100,17 @@ fn error_response(e: CommandError) -> Response<Body> {
 
 fn ok<T: Serialize>(value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
-        Ok(body) => json_response(StatusCode::OK, body),
+        Ok(body) => h::json(StatusCode::OK, body),
         Err(e) => error_response(CommandError::new(ErrorCode::Internal, e.to_string())),
     }
 }
 
 fn bad_request(message: impl Into<String>) -> CommandError {
-    CommandError::new(ErrorCode::BadRequest, message)
+    CommandError::bad_request(message)
+}
+
+fn bad_param(e: h::ParamError) -> CommandError {
+    bad_request(e.to_string())
 }
 
 async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
@@ -142,7 +136,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
 }
 
 fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), CommandError> {
-    let Some(expected) = node.config.api_key.as_deref() else {
+    let Some(expected) = node.config.api.key.as_deref() else {
         return Err(CommandError::new(
             ErrorCode::PermissionDenied,
             "HTTP API disabled: no API key configured",
@@ -173,13 +167,14 @@ fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), CommandError> 
 async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, CommandError> {
     authorized(node, &req)?;
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let query = req.uri().query().unwrap_or("").to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let query = query.as_deref();
     match (method, path.as_str()) {
         (Method::POST, "/api/v1/publish") => {
             let body = read_body(node, req).await?;
             let publish: Publish =
                 serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
-            let (channel, options) = node.channel(&publish.channel)?;
+            let (channel, options) = node.channels.resolve(&publish.channel)?;
             let position = publish_one(node, &channel, &options, publish).await?;
             Ok(ok(&PublishResult {
                 offset: position.offset,
@@ -197,46 +192,38 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
             if req.user.is_empty() {
                 return Err(bad_request("user must not be empty"));
             }
-            node.broker
-                .disconnect_user(&req.user)
-                .await
-                .map_err(|e| CommandError::new(e.code(), e.to_string()))?;
+            node.broker().disconnect_user(&req.user).await?;
             Ok(ok(&serde_json::json!({})))
         }
         (Method::GET, "/api/v1/nodes") => {
-            let nodes = node
-                .broker
-                .nodes(&node.info())
-                .await
-                .map_err(|e| CommandError::new(e.code(), e.to_string()))?;
+            let nodes = node.broker().nodes(&node.info()).await?;
             Ok(ok(&serde_json::json!({ "nodes": nodes })))
         }
-        (Method::GET, p) if p.starts_with("/api/v1/channels/") => {
-            let rest = &p["/api/v1/channels/".len()..];
-            if let Some(name) = rest.strip_suffix("/history") {
-                let (channel, options) = node.channel(&percent_decode(name)?)?;
-                let since = parse_param(&query, "since_offset")?.unwrap_or(0);
-                let limit = parse_param(&query, "limit")?.unwrap_or(0);
+        (Method::GET, p) => {
+            const CHANNELS: &str = "/api/v1/channels/";
+            if let Some(name) = h::path_segment(p, CHANNELS, "/history") {
+                let name = h::percent_decode(name).map_err(bad_param)?;
+                let (channel, options) = node.channels.resolve(&name)?;
+                let since = h::query_u64(query, "since_offset")
+                    .map_err(bad_param)?
+                    .unwrap_or(0);
+                let limit = h::query_u64(query, "limit")
+                    .map_err(bad_param)?
+                    .unwrap_or(0);
                 let limit = u32::try_from(limit).map_err(|_| bad_request("limit too large"))?;
-                let page = node.history(&channel, &options, since, limit).await?;
+                let page = node
+                    .channels
+                    .history(&channel, &options, since, Limit::Page(limit))
+                    .await?;
                 Ok(ok(&HistoryResult {
                     epoch: page.position.epoch,
                     offset: page.position.offset,
                     publications: page.publications,
                 }))
-            } else if let Some(name) = rest.strip_suffix("/presence") {
-                let (channel, options) = node.channel(&percent_decode(name)?)?;
-                if !options.presence {
-                    return Err(CommandError::new(
-                        ErrorCode::PermissionDenied,
-                        "presence is disabled in this namespace",
-                    ));
-                }
-                let clients = node
-                    .broker
-                    .presence(&channel)
-                    .await
-                    .map_err(|e| CommandError::new(e.code(), e.to_string()))?;
+            } else if let Some(name) = h::path_segment(p, CHANNELS, "/presence") {
+                let name = h::percent_decode(name).map_err(bad_param)?;
+                let (channel, options) = node.channels.resolve(&name)?;
+                let clients = node.channels.presence(&channel, &options).await?;
                 Ok(ok(&PresenceResult { clients }))
             } else {
                 Err(bad_request("no such API route"))
@@ -247,7 +234,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
 }
 
 async fn read_body(node: &Node, req: Request<Incoming>) -> Result<Bytes, CommandError> {
-    let limit = node.config.limits.api_body_bytes;
+    let limit = node.config.api.body_bytes;
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(CommandError::new(
@@ -270,7 +257,9 @@ async fn publish_one(
         idempotency_key: publish.idempotency_key,
         info: None,
     };
-    node.publish(channel, options, request, "api").await
+    node.channels
+        .publish(channel, options, request, "api")
+        .await
 }
 
 #[derive(Deserialize)]
@@ -329,7 +318,7 @@ async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandEr
             content_type: req.content_type.clone(),
             idempotency_key: req.idempotency_key.clone(),
         };
-        let result = match node.channel(name) {
+        let result = match node.channels.resolve(name) {
             Ok((channel, options)) => publish_one(node, &channel, &options, publish).await,
             Err(e) => Err(e),
         };
@@ -354,53 +343,4 @@ async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandEr
         })
         .collect();
     Ok(ok(&BroadcastResponse { responses }))
-}
-
-fn parse_param(query: &str, name: &str) -> Result<Option<u64>, CommandError> {
-    let Some((_, v)) = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-    else {
-        return Ok(None);
-    };
-    if v.is_empty() {
-        return Ok(None);
-    }
-    v.parse()
-        .map(Some)
-        .map_err(|_| bad_request(format!("{name} must be a non-negative integer")))
-}
-
-/// Decodes `%XX` escapes in a path segment (`#` in a channel name arrives as `%23`).
-fn percent_decode(s: &str) -> Result<String, CommandError> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            out.push(hex.ok_or_else(|| bad_request("bad percent-escape in path"))?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad_request("path is not UTF-8"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decodes_percent_escapes() {
-        assert_eq!(percent_decode("chat:%23alice").unwrap(), "chat:#alice");
-        assert_eq!(percent_decode("a/b").unwrap(), "a/b");
-        assert!(percent_decode("%2").is_err());
-        assert!(percent_decode("%zz").is_err());
-    }
 }

@@ -28,6 +28,11 @@ pub enum AuthError {
     Expired,
 }
 
+/// A configured key that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("public key is neither RSA nor EC PEM: {0}")]
+pub struct KeyError(String);
+
 /// The configured verification keys.
 pub struct Verifier {
     keys: Vec<(DecodingKey, &'static [Algorithm])>,
@@ -38,7 +43,7 @@ const RSA: &[Algorithm] = &[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512
 const EC: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
 
 impl Verifier {
-    pub fn new(config: &AuthConfig) -> Result<Self, String> {
+    pub fn new(config: &AuthConfig) -> Result<Self, KeyError> {
         let mut keys: Vec<(DecodingKey, &'static [Algorithm])> = config
             .hmac_secrets
             .iter()
@@ -49,7 +54,7 @@ impl Verifier {
                 (k, RSA)
             } else {
                 let k = DecodingKey::from_ec_pem(pem.as_bytes())
-                    .map_err(|e| format!("public key is neither RSA nor EC PEM: {e}"))?;
+                    .map_err(|e| KeyError(e.to_string()))?;
                 (k, EC)
             };
             keys.push(key);

@@ -1,6 +1,9 @@
 //! One `Config`, parsed once at startup from flags, `GATEWAY_*` environment variables and an
-//! optional TOML file, in that precedence. Every option is documented in the README.
+//! optional TOML file, in that precedence, then split into one plain struct per concern
+//! (transport, session, API, Redis, namespaces, auth) handed to the part that owns it.
+//! Every option is documented in the README, whose example file a test parses.
 
+use crate::channel::{ChannelError, ChannelName};
 use clap::Parser;
 use serde::Deserialize;
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
@@ -70,7 +73,7 @@ struct File {
     #[serde(default)]
     allowed_origins: Vec<String>,
     #[serde(default)]
-    limits: Limits,
+    limits: LimitsFile,
     #[serde(default)]
     auth: AuthConfig,
     #[serde(default)]
@@ -79,39 +82,29 @@ struct File {
     namespaces: HashMap<String, NamespaceOptions>,
 }
 
-/// Per-node and per-connection limits.
+/// `[limits]` as written in the file: one flat table for compatibility. It is split by
+/// concern in [`Config::from_parts`]; nothing else reads it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Open WebSockets per node; the next one is closed with 1013.
-    pub max_connections: usize,
-    pub max_channels_per_connection: usize,
-    /// Largest WebSocket message a client may send (close 1009 above it).
-    pub max_message_bytes: usize,
-    /// Frames one client message may batch.
-    pub max_frames_per_message: usize,
-    /// Bytes queued for one connection before it is closed as a slow consumer (4008).
-    pub outbound_queue_bytes: usize,
-    /// Time to complete the HTTP upgrade and, when auth is required, the Connect frame.
-    pub handshake_timeout_ms: u64,
-    /// Server WebSocket ping period; a connection silent for twice this is closed (4004).
-    pub ping_interval_ms: u64,
-    /// Commands per second per connection (token bucket) and the bucket size.
-    pub commands_per_second: u32,
-    pub command_burst: u32,
-    /// Rejected commands in a row before the connection is closed with 4029.
-    pub rate_limit_strikes: u32,
-    /// Spread of the 1012 closes after SIGTERM.
-    pub drain_seconds: u64,
-    /// tungstenite's eagerly allocated read buffer, also the largest read per syscall.
-    pub ws_read_buffer_bytes: usize,
-    /// HTTP API request body limit and timeout.
-    pub api_body_bytes: usize,
-    pub api_timeout_ms: u64,
-    pub api_concurrency: usize,
+struct LimitsFile {
+    max_connections: usize,
+    max_channels_per_connection: usize,
+    max_message_bytes: usize,
+    max_frames_per_message: usize,
+    outbound_queue_bytes: usize,
+    handshake_timeout_ms: u64,
+    ping_interval_ms: u64,
+    commands_per_second: u32,
+    command_burst: u32,
+    rate_limit_strikes: u32,
+    drain_seconds: u64,
+    ws_read_buffer_bytes: usize,
+    api_body_bytes: usize,
+    api_timeout_ms: u64,
+    api_concurrency: usize,
 }
 
-impl Default for Limits {
+impl Default for LimitsFile {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
@@ -131,6 +124,51 @@ impl Default for Limits {
             api_concurrency: 1024,
         }
     }
+}
+
+/// The listener and the WebSocket upgrade.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    pub listen: SocketAddr,
+    /// Origins allowed to open WebSockets; empty allows all.
+    pub allowed_origins: Vec<String>,
+    /// Open WebSockets per node; the next one is closed with 1013.
+    pub max_connections: usize,
+    /// Time to send the HTTP request head.
+    pub handshake_timeout: Duration,
+    /// Largest WebSocket message (and frame) a client may send: close 1009 above it.
+    pub max_message_bytes: usize,
+    /// tungstenite's eagerly allocated read buffer, also the largest read per syscall.
+    pub ws_read_buffer_bytes: usize,
+}
+
+/// One client connection: decoding, limits, pings, the outbound queue.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub max_channels_per_connection: usize,
+    /// Largest client WebSocket message (reported in `ConnectResult`).
+    pub max_message_bytes: usize,
+    /// Frames one client message may batch: close 1009 above it.
+    pub max_frames_per_message: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (4008).
+    pub outbound_queue_bytes: usize,
+    /// Server WebSocket ping period; a connection silent for twice this is closed (4004).
+    pub ping_interval: Duration,
+    /// Commands per second per connection (token bucket) and the bucket size.
+    pub commands_per_second: u32,
+    pub command_burst: u32,
+    /// Rejected commands in a row before the connection is closed with 4029.
+    pub rate_limit_strikes: u32,
+}
+
+/// The HTTP API for backends.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// `X-API-Key`; the API is disabled (403) without one.
+    pub key: Option<String>,
+    pub body_bytes: usize,
+    pub timeout: Duration,
+    pub concurrency: usize,
 }
 
 /// Redis broker tuning (`[redis]`); the URLs come from `--redis-url`.
@@ -163,6 +201,19 @@ impl Default for RedisOptions {
             presence_ttl_seconds: 60,
         }
     }
+}
+
+/// What the Redis broker is built from.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://` URLs of independent servers, or `redis+cluster://` seeds of one cluster.
+    pub urls: Vec<String>,
+    pub prefix: String,
+    pub pubsub_connections: usize,
+    pub command_timeout: Duration,
+    pub unsubscribe_delay: Duration,
+    pub probe_interval: Duration,
+    pub presence_ttl: Duration,
 }
 
 /// Token verification keys. With none, clients connect anonymously.
@@ -218,21 +269,63 @@ impl NamespaceOptions {
     }
 }
 
-/// The node's whole configuration.
+/// The configured namespaces; always holds `default`.
+#[derive(Debug, Clone)]
+pub struct Namespaces(HashMap<String, NamespaceOptions>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Name(#[from] ChannelError),
+    #[error("unknown namespace {0:?}")]
+    UnknownNamespace(String),
+}
+
+impl Namespaces {
+    pub fn new(mut map: HashMap<String, NamespaceOptions>) -> Self {
+        map.entry("default".into()).or_default();
+        Self(map)
+    }
+
+    pub fn get(&self, namespace: &str) -> Option<&NamespaceOptions> {
+        self.0.get(namespace)
+    }
+
+    /// The options of a channel's namespace; the defaults if it is not configured (only
+    /// for channels that were resolved once, so whose namespace exists).
+    pub fn options(&self, channel: &ChannelName) -> NamespaceOptions {
+        self.get(channel.namespace()).copied().unwrap_or_default()
+    }
+
+    /// Validates a channel name and finds its namespace's options.
+    pub fn resolve(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), ResolveError> {
+        let channel = ChannelName::parse(name)?;
+        let options = *self
+            .get(channel.namespace())
+            .ok_or_else(|| ResolveError::UnknownNamespace(channel.namespace().to_owned()))?;
+        Ok((channel, options))
+    }
+
+    fn names(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+}
+
+/// The node's whole configuration, by concern.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub redis_url: Option<String>,
     pub node_id: String,
-    pub api_key: Option<String>,
     pub log_format: LogFormat,
-    /// Origins allowed to open WebSockets; empty allows all.
-    pub allowed_origins: Vec<String>,
-    pub limits: Limits,
+    /// As given (comma-separated); see [`Config::redis`].
+    pub redis_url: Option<String>,
+    pub transport: TransportConfig,
+    pub session: SessionConfig,
+    pub api: ApiConfig,
+    /// SIGTERM: 1012 closes are spread over this.
+    pub drain: Duration,
     pub auth: AuthConfig,
-    pub redis: RedisOptions,
-    /// Always holds `default`.
-    pub namespaces: HashMap<String, NamespaceOptions>,
+    redis_options: RedisOptions,
+    pub namespaces: Namespaces,
 }
 
 impl Default for Config {
@@ -254,43 +347,67 @@ impl Config {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                Self::parse_file(&text).map_err(|source| ConfigError::Parse {
                     path: path.clone(),
                     source,
                 })?
             }
             None => File::default(),
         };
+        let limits = file.limits.clone();
         let config = Self::from_parts(args, file);
-        config.validate()?;
+        config.validate(&limits)?;
         Ok(config)
     }
 
+    fn parse_file(text: &str) -> Result<File, toml::de::Error> {
+        toml::from_str(text)
+    }
+
     fn from_parts(args: Args, file: File) -> Self {
-        let mut namespaces = file.namespaces;
-        namespaces.entry("default".into()).or_default();
+        let l = file.limits;
         Config {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-            redis_url: args.redis_url.or(file.redis_url),
             node_id: args
                 .node_id
                 .or(file.node_id)
                 .unwrap_or_else(default_node_id),
-            api_key: args.api_key.or(file.api_key).filter(|k| !k.is_empty()),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-            allowed_origins: file.allowed_origins,
-            limits: file.limits,
+            redis_url: args.redis_url.or(file.redis_url),
+            transport: TransportConfig {
+                listen: args
+                    .listen
+                    .or(file.listen)
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+                allowed_origins: file.allowed_origins,
+                max_connections: l.max_connections,
+                handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
+                max_message_bytes: l.max_message_bytes,
+                ws_read_buffer_bytes: l.ws_read_buffer_bytes,
+            },
+            session: SessionConfig {
+                max_channels_per_connection: l.max_channels_per_connection,
+                max_message_bytes: l.max_message_bytes,
+                max_frames_per_message: l.max_frames_per_message,
+                outbound_queue_bytes: l.outbound_queue_bytes,
+                ping_interval: Duration::from_millis(l.ping_interval_ms),
+                commands_per_second: l.commands_per_second,
+                command_burst: l.command_burst,
+                rate_limit_strikes: l.rate_limit_strikes,
+            },
+            api: ApiConfig {
+                key: args.api_key.or(file.api_key).filter(|k| !k.is_empty()),
+                body_bytes: l.api_body_bytes,
+                timeout: Duration::from_millis(l.api_timeout_ms),
+                concurrency: l.api_concurrency,
+            },
+            drain: Duration::from_secs(l.drain_seconds),
             auth: file.auth,
-            redis: file.redis,
-            namespaces,
+            redis_options: file.redis,
+            namespaces: Namespaces::new(file.namespaces),
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
+    fn validate(&self, l: &LimitsFile) -> Result<(), ConfigError> {
         if l.ws_read_buffer_bytes < 256
             || l.max_message_bytes < 1024
             || l.outbound_queue_bytes < 1024
@@ -324,7 +441,7 @@ impl Config {
                 "redis_url: either redis:// servers to shard over, or redis+cluster:// seeds of one cluster".into(),
             ));
         }
-        for name in self.namespaces.keys() {
+        for name in self.namespaces.names() {
             if name.is_empty()
                 || !name.bytes().all(crate::channel::is_name_byte)
                 || name.contains(':')
@@ -346,16 +463,22 @@ impl Config {
             .collect()
     }
 
-    pub fn auth_enabled(&self) -> bool {
-        !self.auth.hmac_secrets.is_empty() || !self.auth.public_keys_pem.is_empty()
-    }
-
-    pub fn ping_interval(&self) -> Duration {
-        Duration::from_millis(self.limits.ping_interval_ms)
-    }
-
-    pub fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.limits.handshake_timeout_ms)
+    /// The Redis broker's settings, or `None` for the embedded broker.
+    pub fn redis(&self) -> Option<RedisConfig> {
+        let urls = self.redis_urls();
+        if urls.is_empty() {
+            return None;
+        }
+        let r = &self.redis_options;
+        Some(RedisConfig {
+            urls,
+            prefix: r.prefix.clone(),
+            pubsub_connections: r.pubsub_connections.max(1),
+            command_timeout: Duration::from_millis(r.command_timeout_ms),
+            unsubscribe_delay: Duration::from_millis(r.unsubscribe_delay_ms),
+            probe_interval: Duration::from_millis(r.probe_interval_ms),
+            presence_ttl: Duration::from_secs(r.presence_ttl_seconds.max(1)),
+        })
     }
 }
 
@@ -392,19 +515,60 @@ mod tests {
         };
         let c = Config::from_parts(args, file);
         assert_eq!(c.node_id, "from-flag");
-        assert_eq!(c.listen.port(), 9000);
-        assert_eq!(c.limits.max_connections, 5);
+        assert_eq!(c.transport.listen.port(), 9000);
+        assert_eq!(c.transport.max_connections, 5);
+        assert_eq!(c.session.ping_interval, Duration::from_millis(25_000));
+        let chat = c.namespaces.get("chat").unwrap();
+        assert_eq!(chat.history_size, 10);
+        assert!(chat.join_leave && chat.presence);
         assert_eq!(
-            c.limits.ping_interval_ms,
-            Limits::default().ping_interval_ms
+            c.namespaces.get("default"),
+            Some(&NamespaceOptions::default())
         );
-        assert_eq!(c.namespaces["chat"].history_size, 10);
-        assert!(c.namespaces["chat"].join_leave && c.namespaces["chat"].presence);
-        assert_eq!(c.namespaces["default"], NamespaceOptions::default());
     }
 
     #[test]
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<File>("[limits]\nmax_conections = 5").is_err());
+    }
+
+    /// The README documents every key in one example file: it must parse, and mean
+    /// what the defaults mean where it shows them.
+    #[test]
+    fn the_readme_example_config_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\nlisten = ")
+            .expect("README has the example config");
+        let body = &readme[start + "```toml\n".len()..];
+        let toml_text = &body[..body.find("```").expect("closed code block")];
+        // The example elides secrets and keys as "…": make them plain strings.
+        let file = Config::parse_file(toml_text).expect("README example config parses");
+        let limits = file.limits.clone();
+        let c = Config::from_parts(Args::default(), file);
+        c.validate(&limits).expect("README example config is valid");
+        assert_eq!(c.transport.max_connections, 100_000);
+        assert_eq!(c.drain, Duration::from_secs(10));
+        assert!(c.namespaces.get("chat").is_some_and(|n| n.join_leave));
+        assert_eq!(c.redis_options.pubsub_connections, 2);
+    }
+
+    #[test]
+    fn resolves_channels_to_their_namespace() {
+        let ns = Namespaces::new(HashMap::from([(
+            "chat".to_owned(),
+            NamespaceOptions {
+                join_leave: true,
+                ..Default::default()
+            },
+        )]));
+        let (c, o) = ns.resolve("chat:room").unwrap();
+        assert_eq!((c.as_str(), o.join_leave), ("chat:room", true));
+        assert!(!ns.resolve("lobby").unwrap().1.join_leave);
+        assert_eq!(
+            ns.resolve("nope:x"),
+            Err(ResolveError::UnknownNamespace("nope".into()))
+        );
+        assert!(matches!(ns.resolve("bad name"), Err(ResolveError::Name(_))));
     }
 }

@@ -166,6 +166,22 @@ pub fn history_gap(count: u64) {
     counter!("gateway_deliveries_dropped_total", "reason" => "history_gap").increment(count);
 }
 
+/// A channel's stream restarted under a new epoch; local subscribers were reset.
+pub fn stream_reset() {
+    counter!("gateway_stream_resets_total").increment(1);
+}
+
+/// A node saw a channel's stream go back under an unchanged epoch and rotated it.
+pub fn stream_rollback() {
+    counter!("gateway_stream_rollbacks_total").increment(1);
+}
+
+/// Publications the delivery tracker ignored: duplicates of delivered offsets, or
+/// messages of an epoch the channel already left.
+pub fn tracker_skip(reason: &'static str) {
+    counter!("gateway_redis_skipped_total", "reason" => reason).increment(1);
+}
+
 pub fn pubsub_reconnect() {
     counter!("gateway_redis_pubsub_reconnects_total").increment(1);
 }

@@ -2,11 +2,17 @@
 //! negotiation and origin check, the connection limit, and the handshake timeout. After
 //! the upgrade the socket belongs to a [`session`](crate::session).
 
-use crate::{api, auth::AuthError, metrics, node::Node, session};
+use crate::{
+    api,
+    auth::AuthError,
+    http::{Body, full, query_param, response, text},
+    metrics,
+    node::Node,
+    session,
+};
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -16,22 +22,6 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
 };
-
-pub type Body = BoxBody<Bytes, Infallible>;
-
-pub fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into()).boxed()
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
 
@@ -61,7 +51,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let timeout = shared.0.config.handshake_timeout();
+            let timeout = shared.0.config.transport.handshake_timeout;
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(&shared.0, &shared.1, &shared.2, req).await) }
@@ -87,36 +77,18 @@ async fn route(
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/ws") => upgrade(node, req),
-        (&Method::GET, "/") => {
-            let mut r = Response::new(full(DEMO_PAGE));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            r
-        }
+        (&Method::GET, "/") => response(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") if node.is_ready() => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        (&Method::GET, "/metrics") => {
-            let mut r = Response::new(full(metrics::render(prometheus)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            r
-        }
+        (&Method::GET, "/metrics") => response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics::render(prometheus),
+        ),
         _ if path.starts_with("/api/") => api::call(api, req).await,
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
-}
-
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 /// Picks the encoding: the first offered subprotocol we speak, else `?format=`, else proto.
@@ -145,7 +117,7 @@ fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(Encoding, bool
 }
 
 fn origin_allowed(node: &Node, headers: &HeaderMap) -> bool {
-    let allowed = &node.config.allowed_origins;
+    let allowed = &node.config.transport.allowed_origins;
     if allowed.is_empty() || allowed.iter().any(|o| o == "*") {
         return true;
     }
@@ -222,7 +194,7 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
                 return;
             }
         };
-        let limits = &node.config.limits;
+        let limits = &node.config.transport;
         let mut ws_config = WebSocketConfig::default();
         ws_config.read_buffer_size = limits.ws_read_buffer_bytes;
         // Sessions pack frames into one message and flush once per wake-up, so
@@ -234,16 +206,12 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
                 .await;
         node.metrics.connections_accepted.increment(1);
-        session::run(
-            node,
-            ws,
-            session::Params {
-                encoding,
-                token,
-                reject,
-            },
-        )
-        .await;
+        let params = session::Params {
+            encoding,
+            token,
+            reject,
+        };
+        session::run(node.sessions.clone(), ws, params, &node.metrics).await;
     });
 
     let mut r = Response::new(full(Bytes::new()));

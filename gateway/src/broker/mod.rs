@@ -1,20 +1,35 @@
 //! The `Broker` trait: where publications get their offsets, where history and presence
 //! live, and how a node hears about publications made on any node. `memory` implements it
-//! in-process for one machine; the Redis broker implements it past one machine.
+//! in-process for one machine; `redis` implements it past one machine.
 //!
 //! A broker hands every publication (and Join/Leave push) for a channel this node has
-//! subscribed to the node's [`Hub`](crate::hub::Hub), in offset order per channel.
+//! subscribed to the node's [`Hub`](crate::hub::Hub), in offset order per channel, and
+//! tells the hub when a channel's stream restarts under a new epoch.
+//!
+//! The rules both brokers share live here once: what a complete history page is
+//! ([`history`]), how Join/Leave are announced ([`presence`]). The no-loss machinery of the
+//! Redis broker is two plain state machines, tested without Redis: [`tracker`] (per
+//! channel: order, gaps, epochs) and [`subscriptions`] (per pub/sub connection: reference
+//! counts, delayed unsubscribe, re-subscribe after reconnect).
 
+pub mod history;
 pub mod memory;
+pub mod presence;
 pub mod redis;
+pub mod subscriptions;
+pub mod tracker;
 
 use crate::{channel::ChannelName, config::NamespaceOptions};
 use async_trait::async_trait;
-use broker_proto::{
-    ErrorCode,
-    v1::{ClientInfo, Publication},
-};
+use broker_proto::{ErrorCode, v1::ClientInfo};
 use bytes::Bytes;
+use std::time::Duration;
+
+/// How often the node calls [`Broker::upkeep`].
+pub const UPKEEP_PERIOD: Duration = Duration::from_secs(3);
+
+pub use history::{HistoryPage, Position};
+pub use presence::PresenceChange;
 
 /// What a client or the HTTP API asks to publish.
 #[derive(Debug, Clone, Default)]
@@ -27,24 +42,7 @@ pub struct PublishRequest {
     pub info: Option<ClientInfo>,
 }
 
-/// Where a channel's stream stands. `offset` is the last assigned offset (0: none yet).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Position {
-    pub offset: u64,
-    pub epoch: String,
-}
-
-/// Publications after some offset, in order.
-#[derive(Debug, Clone, Default)]
-pub struct HistoryPage {
-    pub position: Position,
-    pub publications: Vec<Publication>,
-    /// Whether the page starts right after the requested offset, i.e. nothing between the
-    /// requested offset and the first returned publication was trimmed or expired.
-    pub complete: bool,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
@@ -71,13 +69,6 @@ pub struct NodeInfo {
     pub updated_unix_ms: i64,
 }
 
-/// Presence change announced to a channel's subscribers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PresenceChange {
-    Join,
-    Leave,
-}
-
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Assigns the next offset (when the namespace keeps history), stores the publication
@@ -89,7 +80,7 @@ pub trait Broker: Send + Sync + 'static {
         request: PublishRequest,
     ) -> Result<Position, BrokerError>;
 
-    /// Publications with offset > `since`, at most `limit` (0: all retained).
+    /// Publications with offset > `since`, oldest first, at most `limit` (0: all retained).
     async fn history(
         &self,
         channel: &ChannelName,
@@ -102,7 +93,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError>;
 
     /// A session on this node subscribes to `channel`: resolves once publications to it
-    /// are delivered to this node's hub. Reference-counted per channel.
+    /// are delivered to this node's hub. Counted once per successful call.
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 
     /// A session on this node left `channel` (pairs with a successful `subscribe`).
@@ -122,11 +113,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Closes every connection of `user`, on every node (close code 4000).
     async fn disconnect_user(&self, user: &str) -> Result<(), BrokerError>;
 
-    /// Records this node in the node registry; called every few seconds.
-    async fn heartbeat(&self, info: &NodeInfo) -> Result<(), BrokerError>;
-
     /// The live nodes; `this` is the calling node's own current entry.
     async fn nodes(&self, this: &NodeInfo) -> Result<Vec<NodeInfo>, BrokerError>;
+
+    /// Periodic housekeeping, every few seconds: the node registry heartbeat, presence
+    /// refresh, forgetting idle channels.
+    async fn upkeep(&self, this: &NodeInfo);
 
     /// Whether the broker can serve requests now (`/readyz`).
     fn ready(&self) -> bool {

@@ -1,54 +1,32 @@
-//! The commands of `ClientFrame`, each turned into a reply body or a [`CommandError`]
-//! with the documented code.
+//! The commands of `ClientFrame`, each turned into a reply body or a [`CommandError`] with
+//! the documented code. They act on the session core and reach the rest of the node only
+//! through its [`Context`](super::context::Context): the hub, the channel operations, the
+//! verifier and the clock.
 
-use super::{CommandError, Session, Subscription};
+use super::{core::SessionCore, subscriptions::Subscription};
 use crate::{
-    auth::AuthError,
-    broker::{PresenceChange, PublishRequest},
-    channel::ChannelName,
-    config::NamespaceOptions,
-    hub::Subscriber,
-    metrics,
+    auth::AuthError, broker::PresenceChange, broker::PublishRequest, channel::ChannelName,
+    channels::Limit, config::NamespaceOptions, error::CommandError, hub::Subscriber, metrics,
 };
 use broker_proto::{
     CloseCode, ErrorCode,
     v1::{
-        ClientFrame, Connect, ConnectResult, HistoryRequest, HistoryResult, PresenceRequest,
-        PresenceResult, Publish, PublishResult, Subscribe, SubscribeResult, Unsubscribe,
-        UnsubscribeResult, client_frame::Command, server_frame::Body,
+        Connect, ConnectResult, HistoryRequest, HistoryResult, PresenceRequest, PresenceResult,
+        Publish, PublishResult, Subscribe, SubscribeResult, Unsubscribe, UnsubscribeResult,
+        client_frame::Command, server_frame::Body,
     },
 };
-use std::time::Instant;
 
-impl Session {
-    /// Runs one command and queues its reply; `Some` asks to close the connection.
-    pub(super) async fn handle(&mut self, frame: ClientFrame) -> Option<CloseCode> {
-        let id = frame.id;
-        let Some(command) = frame.command else {
+impl SessionCore {
+    pub(super) async fn dispatch(
+        &mut self,
+        command: Option<Command>,
+    ) -> Result<Body, CommandError> {
+        let Some(command) = command else {
             metrics::command("unknown");
-            return self.reply(
-                id,
-                Err(CommandError::new(
-                    ErrorCode::BadRequest,
-                    "frame carries no known command",
-                )),
-            );
+            return Err(CommandError::bad_request("frame carries no known command"));
         };
-        if !self.bucket.take(Instant::now()) {
-            self.strikes += 1;
-            if self.strikes >= self.node.config.limits.rate_limit_strikes {
-                return Some(CloseCode::RateLimited);
-            }
-            return self.reply(
-                id,
-                Err(CommandError::new(
-                    ErrorCode::TooManyRequests,
-                    "command rate limit exceeded",
-                )),
-            );
-        }
-        self.strikes = 0;
-        let result = match command {
+        match command {
             Command::Connect(c) => {
                 metrics::command("connect");
                 self.connect(c)
@@ -77,22 +55,20 @@ impl Session {
                 metrics::command("ping");
                 Ok(Body::Pong(Default::default()))
             }
-        };
-        self.reply(id, result)
+        }
     }
 
     /// Validates a channel name and checks that this client may use it.
     fn authorize(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), CommandError> {
-        let (channel, options) = self.node.channel(name)?;
-        if self.node.verifier.enabled() && self.identity.is_none() && !options.allow_anonymous {
+        let (channel, options) = self.ctx.channels.resolve(name)?;
+        if self.ctx.verifier.enabled() && self.identity.is_none() && !options.allow_anonymous {
             return Err(CommandError::new(
                 ErrorCode::Unauthorized,
                 "this namespace needs a token",
             ));
         }
         if !channel.allows_user(self.user()) {
-            return Err(CommandError::new(
-                ErrorCode::PermissionDenied,
+            return Err(CommandError::permission_denied(
                 "channel is limited to another user",
             ));
         }
@@ -101,152 +77,180 @@ impl Session {
 
     fn connect(&mut self, connect: Connect) -> Result<Body, CommandError> {
         if self.connected {
-            return Err(CommandError::new(
-                ErrorCode::BadRequest,
-                "already connected",
-            ));
+            return Err(CommandError::bad_request("already connected"));
         }
-        if !connect.token.is_empty() && self.node.verifier.enabled() {
+        if !connect.token.is_empty() && self.ctx.verifier.enabled() {
             if !self.subscriptions.is_empty() {
-                return Err(CommandError::new(
-                    ErrorCode::BadRequest,
+                return Err(CommandError::bad_request(
                     "connect with a token before subscribing",
                 ));
             }
-            match self.node.verifier.verify(&connect.token) {
+            match self.ctx.verifier.verify(&connect.token) {
                 Ok(identity) => {
                     self.identity = Some(identity);
-                    self.node
+                    self.ctx
+                        .hub
                         .register(self.id, self.user().to_owned(), self.outbox.clone());
                 }
                 Err(AuthError::Invalid(reason)) => {
-                    return Err(CommandError {
-                        code: ErrorCode::Unauthorized,
-                        message: reason,
-                        close: Some(CloseCode::TokenInvalid),
-                    });
+                    return Err(CommandError::closing(
+                        ErrorCode::Unauthorized,
+                        reason,
+                        CloseCode::TokenInvalid,
+                    ));
                 }
                 Err(AuthError::Expired) => {
-                    return Err(CommandError {
-                        code: ErrorCode::TokenExpired,
-                        message: "token expired".into(),
-                        close: Some(CloseCode::TokenExpired),
-                    });
+                    return Err(CommandError::closing(
+                        ErrorCode::TokenExpired,
+                        "token expired",
+                        CloseCode::TokenExpired,
+                    ));
                 }
             }
         }
         self.connected = true;
-        let config = &self.node.config;
+        let config = &self.ctx.config;
         Ok(Body::Connect(ConnectResult {
             client: self.client.clone(),
-            node: config.node_id.clone(),
-            ping_interval_ms: u32::try_from(config.limits.ping_interval_ms).unwrap_or(u32::MAX),
-            max_message_bytes: u32::try_from(config.limits.max_message_bytes).unwrap_or(u32::MAX),
+            node: self.ctx.node_id.clone(),
+            ping_interval_ms: u32::try_from(config.ping_interval.as_millis()).unwrap_or(u32::MAX),
+            max_message_bytes: u32::try_from(config.max_message_bytes).unwrap_or(u32::MAX),
         }))
     }
 
     async fn subscribe(&mut self, request: Subscribe) -> Result<Body, CommandError> {
         let (channel, options) = self.authorize(&request.channel)?;
-        if self.subscriptions.contains_key(channel.as_str()) {
+        if self.subscriptions.contains(channel.as_str()) {
             return Err(CommandError::new(
                 ErrorCode::AlreadySubscribed,
                 "already subscribed",
             ));
         }
-        if self.subscriptions.len() >= self.node.config.limits.max_channels_per_connection {
+        if self.subscriptions.len() >= self.ctx.config.max_channels_per_connection {
             return Err(CommandError::new(
                 ErrorCode::LimitExceeded,
                 "too many channels on this connection",
             ));
         }
-        let key = channel.shared().clone();
-        let node = self.node.clone();
+        let generation = self.subscriptions.next_generation();
+        let ctx = self.ctx.clone();
         // Join the live stream first, then read history: publications arriving meanwhile
-        // wait in the outbox, and the drain skips the ones recovery already returned.
+        // wait in the outbox, and the delivery rule skips the ones the reply returns.
         // There is no instant at which a publication is in neither set.
-        let sub = Subscriber {
+        let subscriber = Subscriber {
             session: self.id,
             encoding: self.encoding,
+            generation,
             outbox: self.outbox.clone(),
         };
-        node.hub.subscribe(&key, sub);
-        // Every subscribe waits until the node's broker subscription is live (the broker
-        // counts references), so no session reads history before live delivery is on.
-        if let Err(e) = node.broker.subscribe(&channel).await {
-            node.hub.unsubscribe(&key, self.id);
-            metrics::broker_error("subscribe");
-            return Err(CommandError::new(e.code(), e.to_string()));
+        ctx.hub.subscribe(channel.shared(), subscriber);
+        // Resolves once the node's broker subscription delivers, so no session reads
+        // history before live delivery is on.
+        if let Err(e) = ctx.channels.subscribe(&channel).await {
+            ctx.hub.unsubscribe(channel.as_str(), self.id);
+            return Err(e);
         }
-        let result = if !options.has_history() {
-            Ok(SubscribeResult::default())
-        } else if request.recover {
-            node.broker
-                .history(&channel, &options, request.offset, 0)
-                .await
-                .map(|page| {
-                    let recovered = page.complete && page.position.epoch == request.epoch;
-                    metrics::recovery(recovered);
-                    SubscribeResult {
-                        epoch: page.position.epoch,
-                        offset: page.position.offset,
-                        recoverable: true,
-                        recovered,
-                        publications: if recovered {
-                            page.publications
-                        } else {
-                            Vec::new()
-                        },
-                    }
-                })
-        } else {
-            node.broker
-                .position(&channel)
-                .await
-                .map(|p| SubscribeResult {
-                    epoch: p.epoch,
-                    offset: p.offset,
-                    recoverable: true,
-                    ..Default::default()
-                })
-        };
-        let result = match result {
+        let (result, last_offset) = match self.position(&channel, &options, &request).await {
             Ok(r) => r,
             Err(e) => {
-                self.undo_subscribe(&key, &channel).await;
-                metrics::broker_error("history");
-                return Err(CommandError::new(e.code(), e.to_string()));
+                self.undo_subscribe(&channel).await;
+                return Err(e);
             }
         };
-        if options.presence {
-            let change = PresenceChange::Join;
-            if let Err(e) = node
-                .broker
-                .presence_update(&channel, self.info(), change, options.join_leave)
+        if options.presence
+            && let Err(e) = ctx
+                .channels
+                .broker()
+                .presence_update(
+                    &channel,
+                    self.info(),
+                    PresenceChange::Join,
+                    options.join_leave,
+                )
                 .await
-            {
-                self.undo_subscribe(&key, &channel).await;
-                metrics::broker_error("presence");
-                return Err(CommandError::new(e.code(), e.to_string()));
-            }
+        {
+            metrics::broker_error("presence");
+            self.undo_subscribe(&channel).await;
+            return Err(e.into());
         }
-        let subscription = Subscription {
+        self.subscriptions.insert(Subscription {
             channel,
-            last_offset: result.offset,
+            generation,
+            epoch: result.epoch.clone(),
+            last_offset,
             presence: options.presence,
             join_leave: options.join_leave,
-        };
-        self.subscriptions.insert(key, subscription);
+        });
         Ok(Body::Subscribe(result))
     }
 
-    async fn undo_subscribe(&self, key: &std::sync::Arc<str>, channel: &ChannelName) {
-        self.node.hub.unsubscribe(key, self.id);
-        self.node.broker.unsubscribe(channel).await;
+    /// The subscribe reply, and the offset the client has once it holds the reply.
+    async fn position(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        request: &Subscribe,
+    ) -> Result<(SubscribeResult, u64), CommandError> {
+        let channels = &self.ctx.channels;
+        if !options.has_history() {
+            return Ok((SubscribeResult::default(), 0));
+        }
+        if !request.recover {
+            let p = channels.position(channel).await?;
+            let result = SubscribeResult {
+                epoch: p.epoch,
+                offset: p.offset,
+                recoverable: true,
+                ..Default::default()
+            };
+            return Ok((result, p.offset));
+        }
+        let page = channels
+            .history(channel, options, request.offset, Limit::All)
+            .await?;
+        let recovered = page.position.epoch == request.epoch && page.recovers(request.offset);
+        metrics::recovery(recovered);
+        let position = page.position.offset;
+        let result = SubscribeResult {
+            epoch: page.position.epoch,
+            offset: position,
+            recoverable: true,
+            recovered,
+            publications: if recovered {
+                page.publications
+            } else {
+                Vec::new()
+            },
+        };
+        Ok((result, position))
+    }
+
+    async fn undo_subscribe(&self, channel: &ChannelName) {
+        self.ctx.hub.unsubscribe(channel.as_str(), self.id);
+        self.ctx.channels.broker().unsubscribe(channel).await;
+    }
+
+    /// Leaves one channel: the hub, the broker, presence.
+    pub(super) async fn leave(&self, sub: Subscription) {
+        self.undo_subscribe(&sub.channel).await;
+        if sub.presence {
+            let change = PresenceChange::Leave;
+            if let Err(e) = self
+                .ctx
+                .channels
+                .broker()
+                .presence_update(&sub.channel, self.info(), change, sub.join_leave)
+                .await
+            {
+                metrics::broker_error("presence");
+                tracing::warn!(channel = %sub.channel, error = %e, "presence leave failed");
+            }
+        }
     }
 
     async fn unsubscribe(&mut self, request: Unsubscribe) -> Result<Body, CommandError> {
-        if let Some((key, sub)) = self.subscriptions.remove_entry(request.channel.as_str()) {
-            self.leave(&key, &sub).await;
+        if let Some(sub) = self.subscriptions.remove(&request.channel) {
+            self.leave(sub).await;
         }
         Ok(Body::Unsubscribe(UnsubscribeResult {}))
     }
@@ -254,8 +258,7 @@ impl Session {
     async fn publish(&mut self, request: Publish) -> Result<Body, CommandError> {
         let (channel, options) = self.authorize(&request.channel)?;
         if !options.allow_publish {
-            return Err(CommandError::new(
-                ErrorCode::PermissionDenied,
+            return Err(CommandError::permission_denied(
                 "clients may not publish in this namespace",
             ));
         }
@@ -266,7 +269,8 @@ impl Session {
             info: Some(self.info()),
         };
         let position = self
-            .node
+            .ctx
+            .channels
             .publish(&channel, &options, publish, "client")
             .await?;
         Ok(Body::Publish(PublishResult {
@@ -277,24 +281,21 @@ impl Session {
 
     async fn presence(&mut self, request: PresenceRequest) -> Result<Body, CommandError> {
         let (channel, options) = self.authorize(&request.channel)?;
-        if !options.presence {
-            return Err(CommandError::new(
-                ErrorCode::PermissionDenied,
-                "presence is disabled in this namespace",
-            ));
-        }
-        let clients = self.node.broker.presence(&channel).await.map_err(|e| {
-            metrics::broker_error("presence");
-            CommandError::new(e.code(), e.to_string())
-        })?;
+        let clients = self.ctx.channels.presence(&channel, &options).await?;
         Ok(Body::Presence(PresenceResult { clients }))
     }
 
     async fn history(&mut self, request: HistoryRequest) -> Result<Body, CommandError> {
         let (channel, options) = self.authorize(&request.channel)?;
         let page = self
-            .node
-            .history(&channel, &options, request.since_offset, request.limit)
+            .ctx
+            .channels
+            .history(
+                &channel,
+                &options,
+                request.since_offset,
+                Limit::Page(request.limit),
+            )
             .await?;
         Ok(Body::History(HistoryResult {
             epoch: page.position.epoch,

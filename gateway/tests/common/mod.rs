@@ -46,7 +46,10 @@ impl Server {
             CONFIG_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, config).unwrap();
-        let mut command = Process::new(env!("CARGO_BIN_EXE_gateway"));
+        // GATEWAY_TEST_BIN runs the suite against another build (e.g. an older release).
+        let bin = std::env::var("GATEWAY_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_gateway").to_owned());
+        let mut command = Process::new(bin);
         command
             .args(["--listen", "127.0.0.1:0", "--config"])
             .arg(&path);

@@ -1,80 +1,89 @@
 //! Sharded pub/sub on Redis Cluster. One RESP3 cluster connection (shared with the
 //! commands) carries every `SSUBSCRIBE`; redis-rs routes each to the master owning the
-//! channel's slot and re-subscribes, slot by slot, after reconnects and topology changes.
-//! This task keeps the node's reference counts and delayed unsubscribes, as the
-//! single-server task does.
+//! channel's slot. The task drives the same [`Delivery`] as the single-server one.
 //!
-//! Trap: redis-rs 1.8 re-subscribes a reconnected node with one SSUBSCRIBE listing all its
-//! shard channels, which Redis refuses with CROSSSLOT as soon as the node serves channels
-//! in more than one slot. So on every disconnection this task re-subscribes each channel
-//! itself, one channel (one slot) per call, and then repairs every channel from its stream,
-//! since messages published meanwhile were not delivered.
+//! Traps:
+//! - redis-rs 1.8 re-subscribes a reconnected node with one SSUBSCRIBE listing all its
+//!   shard channels, which Redis refuses with CROSSSLOT as soon as the node serves
+//!   channels in more than one slot. So on every disconnection this task subscribes each
+//!   channel again itself, one channel (one slot) per call, and the trackers repair from
+//!   the streams what was published meanwhile.
+//! - When a slot moves to another master, Redis ends the shard subscriptions in it with
+//!   an `sunsubscribe` push. The table marks such a channel down and the next tick
+//!   subscribes it again (now on the new owner) and repairs it.
 
 use super::{
     Keys,
     commands::{Commands, Conn},
-    delivery::Delivery,
+    delivery::{Delivery, Done, Streams},
     pubsub::{Command, PubSub, PubSubConfig},
 };
-use crate::broker::BrokerError;
+use crate::{
+    broker::{BrokerError, subscriptions::Acquired},
+    hub::Hub,
+};
 use redis::{PushInfo, PushKind, Value};
 use std::{
-    collections::HashMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
 
-/// Spawns the cluster's subscription task; see the module doc.
-pub struct ClusterPubSub;
+const TICK: Duration = Duration::from_millis(250);
 
-#[derive(Default)]
-struct Sub {
-    refs: usize,
-    subscribed: bool,
-    idle_since: Option<Instant>,
+/// What the cluster's subscription task needs.
+pub struct Setup {
+    pub commands: Arc<Commands>,
+    pub pushes: mpsc::UnboundedReceiver<PushInfo>,
+    pub hub: Arc<Hub>,
+    pub keys: Keys,
+    pub streams: Arc<dyn Streams>,
+    pub control: String,
+    pub config: PubSubConfig,
 }
 
-impl ClusterPubSub {
-    pub fn spawn(
-        commands: Arc<Commands>,
-        pushes: mpsc::UnboundedReceiver<PushInfo>,
-        delivery: Arc<Delivery>,
-        keys: Keys,
-        control: String,
-        config: PubSubConfig,
-    ) -> PubSub {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = Task {
-            commands,
-            pushes,
-            delivery,
-            keys,
-            control,
-            config,
-            rx,
-            subs: HashMap::new(),
-            generation: None,
-            resubscribe: false,
-        };
-        tokio::spawn(task.run());
-        PubSub::always_connected(tx)
-    }
+/// Starts the cluster's subscription task; returns its handle.
+pub fn spawn(setup: Setup) -> PubSub {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let connected = Arc::new(AtomicBool::new(false));
+    let (delivery, done) = Delivery::new(
+        setup.hub,
+        setup.keys,
+        setup.streams,
+        setup.config.unsubscribe_delay,
+    );
+    let task = Task {
+        commands: setup.commands,
+        pushes: setup.pushes,
+        delivery,
+        done,
+        control: setup.control,
+        config: setup.config,
+        rx,
+        generation: None,
+        relink: false,
+        connected: connected.clone(),
+    };
+    tokio::spawn(task.run());
+    PubSub::new(tx, connected)
 }
 
 struct Task {
     commands: Arc<Commands>,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
-    delivery: Arc<Delivery>,
-    keys: Keys,
+    delivery: Delivery,
+    done: mpsc::UnboundedReceiver<Done>,
     control: String,
     config: PubSubConfig,
     rx: mpsc::UnboundedReceiver<Command>,
-    subs: HashMap<String, Sub>,
     /// The command connection's generation our subscriptions live on.
     generation: Option<u64>,
-    /// A connection dropped: every channel must be subscribed again, one per call.
-    resubscribe: bool,
+    /// Some subscriptions are down while the connection is up (Redis ended them).
+    relink: bool,
+    connected: Arc<AtomicBool>,
 }
 
 fn bulk_str(v: &Value) -> Option<String> {
@@ -93,48 +102,65 @@ impl Task {
         }
     }
 
-    /// After a new connection (whose subscriptions are empty) or a dropped one: subscribe
-    /// everything again, one channel (so one slot) per call, then repair what was missed.
-    async fn ensure_subscribed(&mut self) {
-        let generation = self.commands.generation();
-        if self.generation == Some(generation) && !self.resubscribe {
-            return;
-        }
-        let Ok(mut conn) = self.cluster().await else {
-            return;
-        };
-        let timeout = self.config.timeout;
-        if !matches!(
-            tokio::time::timeout(timeout, conn.subscribe(&self.control)).await,
-            Ok(Ok(()))
-        ) {
-            return;
-        }
-        let names: Vec<String> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.refs > 0)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in &names {
-            if !matches!(
-                tokio::time::timeout(timeout, conn.ssubscribe(name)).await,
-                Ok(Ok(()))
-            ) {
-                return; // retried on the next tick
-            }
-        }
-        let again = self.generation.is_some();
-        self.generation = Some(generation);
-        self.resubscribe = false;
-        if again {
-            crate::metrics::pubsub_reconnect();
-            self.delivery.repair_all(&names);
+    async fn ssubscribe(
+        &self,
+        conn: &mut redis::cluster_async::ClusterConnection,
+        name: &str,
+    ) -> Result<(), BrokerError> {
+        match tokio::time::timeout(self.config.timeout, conn.ssubscribe(name)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => Err(BrokerError::Unavailable("ssubscribe timed out".into())),
         }
     }
 
+    /// After a new connection (whose subscriptions are empty), a dropped one, or a
+    /// subscription Redis ended by itself: subscribe everything that is down again, one
+    /// channel (one slot) per call; the trackers then repair what was missed.
+    async fn ensure_linked(&mut self) {
+        let generation = self.commands.generation();
+        let fresh = self.generation != Some(generation);
+        if fresh && self.generation.is_some() {
+            // A new connection: everything it had is gone.
+            self.delivery.table.disconnected();
+        }
+        if !fresh && self.delivery.table.connected() && !self.relink {
+            return;
+        }
+        let Ok(mut conn) = self.cluster().await else {
+            self.connected.store(false, Ordering::Relaxed);
+            return;
+        };
+        if (fresh || !self.delivery.table.connected())
+            && !matches!(
+                tokio::time::timeout(self.config.timeout, conn.subscribe(&self.control)).await,
+                Ok(Ok(()))
+            )
+        {
+            return;
+        }
+        let reconnect = !self.delivery.table.connected() && self.generation.is_some();
+        for batch in self.delivery.table.connect(1) {
+            for name in &batch {
+                if let Err(e) = self.ssubscribe(&mut conn, name).await {
+                    tracing::warn!(channel = name, error = %e, "cluster re-subscribe failed; retrying");
+                    self.delivery.table.disconnected();
+                    self.connected.store(false, Ordering::Relaxed);
+                    return;
+                }
+            }
+            self.delivery.linked(&batch, Instant::now());
+        }
+        if reconnect {
+            crate::metrics::pubsub_reconnect();
+        }
+        self.generation = Some(generation);
+        self.relink = false;
+        self.connected.store(true, Ordering::Relaxed);
+    }
+
     async fn run(mut self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
                 push = self.pushes.recv() => {
@@ -143,73 +169,41 @@ impl Task {
                 }
                 cmd = self.rx.recv() => match cmd {
                     None => return,
-                    Some(Command::Unsubscribe(name)) => {
-                        if let Some(s) = self.subs.get_mut(&name) {
-                            s.refs = s.refs.saturating_sub(1);
-                            if s.refs == 0 {
-                                s.idle_since = Some(Instant::now());
-                            }
+                    Some(Command::Unsubscribe(name)) => self.delivery.release(&name, Instant::now()),
+                    Some(Command::Subscribe(name, reply)) => {
+                        if !self.delivery.table.connected() {
+                            self.ensure_linked().await;
+                        }
+                        if self.delivery.acquire(&name, reply) != Acquired::Link {
+                            continue;
+                        }
+                        let linked = match self.cluster().await {
+                            Ok(mut conn) => self.ssubscribe(&mut conn, &name).await,
+                            Err(e) => Err(e),
+                        };
+                        match linked {
+                            Ok(()) => self.delivery.linked(&[name], Instant::now()),
+                            Err(e) => self.delivery.table.link_failed(&name, &e),
                         }
                     }
-                    Some(Command::Subscribe(name, reply)) => {
-                        self.ensure_subscribed().await;
-                        let result = self.subscribe(&name).await;
-                        let _ = reply.send(result);
-                    }
                 },
+                Some(done) = self.done.recv() => self.delivery.on_done(done, Instant::now()),
                 _ = tick.tick() => {
-                    self.ensure_subscribed().await;
+                    self.ensure_linked().await;
                     self.unsubscribe_idle().await;
                 }
             }
         }
     }
 
-    async fn subscribe(&mut self, name: &str) -> Result<(), BrokerError> {
-        let s = self.subs.entry(name.to_owned()).or_default();
-        s.refs += 1;
-        s.idle_since = None;
-        if s.subscribed {
-            return Ok(());
-        }
-        let result = match self.cluster().await {
-            Ok(mut conn) => {
-                match tokio::time::timeout(self.config.timeout, conn.ssubscribe(name)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-                    Err(_) => Err(BrokerError::Unavailable("ssubscribe timed out".into())),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let s = self.subs.entry(name.to_owned()).or_default();
-        match &result {
-            Ok(()) => s.subscribed = true,
-            Err(_) => s.refs -= 1,
-        }
-        result
-    }
-
     async fn unsubscribe_idle(&mut self) {
-        let delay = self.config.unsubscribe_delay;
-        let due: Vec<String> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.refs == 0 && s.idle_since.is_some_and(|t| t.elapsed() >= delay))
-            .map(|(n, _)| n.clone())
-            .collect();
-        if due.is_empty() {
+        let idle = self.delivery.table.take_idle(Instant::now());
+        if idle.is_empty() {
             return;
         }
         if let Ok(mut conn) = self.cluster().await {
-            for name in &due {
+            for name in &idle {
                 let _ = tokio::time::timeout(self.config.timeout, conn.sunsubscribe(name)).await;
-            }
-        }
-        for name in due {
-            self.subs.remove(&name);
-            if let Some(channel) = self.keys.channel_of(&name) {
-                self.delivery.forget(channel);
             }
         }
     }
@@ -228,10 +222,21 @@ impl Task {
                     self.delivery.on_message(&channel, payload);
                 }
             }
+            PushKind::SUnsubscribe => {
+                // Redis ended a shard subscription by itself (its slot moved): the next
+                // tick subscribes it again on the slot's new owner and repairs it.
+                if let Some(channel) = push.data.first().and_then(bulk_str)
+                    && self.delivery.table.unlinked(&channel)
+                {
+                    self.relink = true;
+                    tracing::info!(channel, "shard subscription ended by redis; re-subscribing");
+                }
+            }
             PushKind::Disconnection => {
                 // Some master's connection dropped; redis-rs reconnects it, and the next
-                // tick re-subscribes and repairs.
-                self.resubscribe = true;
+                // tick subscribes everything again and repairs.
+                self.delivery.table.disconnected();
+                self.connected.store(false, Ordering::Relaxed);
             }
             _ => {}
         }

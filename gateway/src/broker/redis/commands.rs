@@ -87,6 +87,9 @@ pub struct Commands {
     healthy: AtomicBool,
     /// Bumped whenever a new connection replaces the old one.
     generation: std::sync::atomic::AtomicU64,
+    /// Whether the server acknowledges only persisted writes (AOF, `appendfsync always`),
+    /// read on every new connection; the scripts record it with each channel's epoch.
+    durable: AtomicBool,
 }
 
 /// Whether an error means the connection (not the command) failed.
@@ -115,6 +118,7 @@ impl Commands {
             connecting: tokio::sync::Mutex::new(()),
             healthy: AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
+            durable: AtomicBool::new(false),
         }
     }
 
@@ -122,6 +126,11 @@ impl Commands {
     /// connection's subscriptions) did not carry over.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server was durable when last connected (see the field).
+    pub fn durable(&self) -> bool {
+        self.durable.load(Ordering::Relaxed)
     }
 
     pub fn healthy(&self) -> bool {
@@ -156,6 +165,8 @@ impl Commands {
         }
         match tokio::time::timeout(self.timeout, self.connector.connect()).await {
             Ok(Ok(c)) => {
+                let durable = probe_durable(c.clone(), self.timeout).await;
+                self.durable.store(durable, Ordering::Relaxed);
                 let mut s = self.state();
                 s.conn = Some(c.clone());
                 s.retry_at = None;
@@ -192,5 +203,25 @@ impl Commands {
             Ok(Err(e)) => Err(BrokerError::Internal(e.to_string())),
             Err(_) => Err(self.failed("command timed out".into())),
         }
+    }
+}
+
+/// Whether the server persists every write before acknowledging it. `CONFIG` may be
+/// disabled (managed Redis): then the answer is no, and epochs rotate on every restart,
+/// which is safe.
+async fn probe_durable(mut conn: Conn, timeout: Duration) -> bool {
+    let mut command = redis::cmd("CONFIG");
+    command.arg("GET").arg("append*");
+    let query = command.query_async::<std::collections::HashMap<String, String>>(&mut conn);
+    match tokio::time::timeout(timeout, query).await {
+        Ok(Ok(config)) => {
+            config.get("appendonly").map(String::as_str) == Some("yes")
+                && config.get("appendfsync").map(String::as_str) == Some("always")
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "cannot read redis persistence config; treating it as not durable");
+            false
+        }
+        Err(_) => false,
     }
 }

@@ -1,315 +1,301 @@
-//! From Redis pub/sub to the hub, in order and without gaps. Redis pub/sub is at-most-once,
-//! so the node tracks the last offset it delivered per channel: a publication that skips
-//! ahead parks while the missing ones are read from the stream, and after a pub/sub
-//! reconnect every channel is caught up from the stream the same way. A new epoch (Redis
-//! lost the stream) tells local subscribers to reset before the new stream's publications.
+//! From Redis pub/sub to the hub: the part the single-server and the Cluster pub/sub
+//! tasks share. It owns the connection's [`SubscriptionTable`], whose per-channel state
+//! is a [`ChannelTracker`], so a channel's tracking lives exactly as long as its
+//! subscription; and it performs what the tracker asks: hand publications to the hub,
+//! reset subscribers to a new epoch, read the stream, count losses.
 //!
-//! Decoding happens once per node; the hub then encodes once per encoding.
+//! Messages are decoded once per node; the hub then encodes once per encoding. Stream
+//! reads run as separate tasks and come back through [`Done`], so a slow read never holds
+//! up live messages of other channels.
 
-use super::Keys;
-use crate::{channel::ChannelName, hub::Hub};
-use broker_proto::v1::{Publication, ServerFrame, server_frame::Body};
-use bytes::Bytes;
-use prost::Message;
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, MutexGuard},
+use super::{Keys, control, reply};
+use crate::{
+    broker::{
+        BrokerError,
+        subscriptions::{Acquired, SubscriptionTable},
+        tracker::{Action, ChannelTracker, StreamPage},
+    },
+    channel::ChannelName,
+    hub::Hub,
+    metrics,
 };
+use std::{future::Future, pin::Pin, sync::Arc, time::Instant};
+use tokio::sync::{mpsc, oneshot};
 
-/// A page of the stream: position plus the publications after some offset.
-pub struct StreamPage {
-    pub offset: u64,
-    pub epoch: String,
-    pub publications: Vec<Publication>,
-}
+/// The answer to a session's subscribe request.
+pub type Reply = oneshot::Sender<Result<(), BrokerError>>;
 
-/// Reads the stream; implemented by the broker (so tests can use a fake-free real Redis).
-pub trait StreamReader: Send + Sync + 'static {
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Reads and epoch rotations of a channel's stream, through the broker's commands.
+pub trait Streams: Send + Sync + 'static {
+    /// The position, and with `after` the publications after it (one page).
     fn read(
         &self,
         channel: ChannelName,
-        since: u64,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Option<StreamPage>> + Send + '_>>;
+        after: Option<u64>,
+    ) -> BoxFuture<Result<StreamPage, BrokerError>>;
+    /// Rotates the channel's epoch if it is still `stale`.
+    fn rotate(&self, channel: ChannelName, stale: String) -> BoxFuture<Result<(), BrokerError>>;
 }
 
-#[derive(Default)]
-struct Track {
-    last: Option<u64>,
-    epoch: String,
-    repairing: bool,
-    /// Publications that arrived ahead of a gap, waiting for the repair.
-    pending: BTreeMap<u64, Publication>,
+/// Work that finished off the task: a stream read, an epoch rotation.
+pub enum Done {
+    Read {
+        name: String,
+        id: u64,
+        result: Result<StreamPage, BrokerError>,
+    },
+    Rotated {
+        name: String,
+    },
 }
 
 pub struct Delivery {
+    pub table: SubscriptionTable<ChannelTracker, Reply>,
     hub: Arc<Hub>,
     keys: Keys,
-    tracks: Mutex<HashMap<String, Track>>,
-    pub(super) reader: std::sync::OnceLock<Arc<dyn StreamReader>>,
-}
-
-/// Splits "<offset> <epoch> <payload>".
-pub fn parse_envelope(message: &[u8]) -> Option<(u64, &str, &[u8])> {
-    let space = message.iter().position(|&b| b == b' ')?;
-    let offset = std::str::from_utf8(&message[..space]).ok()?.parse().ok()?;
-    let rest = &message[space + 1..];
-    let space = rest.iter().position(|&b| b == b' ')?;
-    let epoch = std::str::from_utf8(&rest[..space]).ok()?;
-    Some((offset, epoch, &rest[space + 1..]))
+    streams: Arc<dyn Streams>,
+    done: mpsc::UnboundedSender<Done>,
 }
 
 impl Delivery {
-    pub fn new(hub: Arc<Hub>, keys: Keys) -> Self {
-        Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        keys: Keys,
+        streams: Arc<dyn Streams>,
+        unsubscribe_delay: std::time::Duration,
+    ) -> (Self, mpsc::UnboundedReceiver<Done>) {
+        let (done, done_rx) = mpsc::unbounded_channel();
+        let delivery = Self {
+            table: SubscriptionTable::new(unsubscribe_delay),
             hub,
             keys,
-            tracks: Mutex::default(),
-            reader: std::sync::OnceLock::new(),
-        }
-    }
-
-    pub fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
-    fn tracks(&self) -> MutexGuard<'_, HashMap<String, Track>> {
-        self.tracks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A message from a channel subscription.
-    pub fn on_message(self: &Arc<Self>, redis_channel: &str, payload: &[u8]) {
-        let Some(channel) = self.keys.channel_of(redis_channel) else {
-            return;
+            streams,
+            done,
         };
-        let Some((offset, epoch, body)) = parse_envelope(payload) else {
-            tracing::warn!(channel, "undecodable pub/sub envelope");
-            return;
-        };
-        let frame = match ServerFrame::decode(Bytes::copy_from_slice(body)) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(channel, error = %e, "undecodable pub/sub frame");
-                return;
-            }
-        };
-        match frame.body {
-            Some(Body::Publication(mut p)) => {
-                p.offset = offset;
-                p.epoch = epoch.to_owned();
-                self.on_publication(channel, p);
-            }
-            Some(_) => {
-                self.hub.deliver(channel, 0, &frame);
-            }
-            None => {}
-        }
+        (delivery, done_rx)
     }
 
-    fn deliver(&self, channel: &str, p: Publication) {
-        let offset = p.offset;
-        let frame = ServerFrame {
-            id: 0,
-            error: None,
-            body: Some(Body::Publication(p)),
-        };
-        self.hub.deliver(channel, offset, &frame);
+    /// A session's subscribe request; `Acquired::Link` asks the caller to subscribe the
+    /// channel in Redis and then call [`Self::linked`] (or report the failure).
+    pub fn acquire(&mut self, name: &str, reply: Reply) -> Acquired {
+        self.table.acquire(name, reply)
     }
 
-    pub fn on_publication(self: &Arc<Self>, channel: &str, p: Publication) {
-        if p.offset == 0 {
-            // A channel without history: nothing to order or repair.
-            return self.deliver(channel, p);
-        }
-        let mut tracks = self.tracks();
-        let t = tracks.entry(channel.to_owned()).or_default();
-        if !t.epoch.is_empty() && t.epoch != p.epoch {
-            // The stream restarted: everything of the old epoch is gone.
-            tracing::warn!(channel, old = %t.epoch, new = %p.epoch, "channel epoch changed");
-            self.hub.reset(channel);
-            t.epoch = p.epoch.clone();
-            t.last = Some(0);
-            t.pending.clear();
-        }
-        if t.epoch.is_empty() {
-            t.epoch = p.epoch.clone();
-        }
-        match t.last {
-            None => {
-                t.last = Some(p.offset);
-                self.deliver(channel, p);
-            }
-            Some(last) if p.offset <= last => {}
-            Some(last) if p.offset == last + 1 && !t.repairing => {
-                t.last = Some(p.offset);
-                self.deliver(channel, p);
-            }
-            Some(last) => {
-                t.pending.insert(p.offset, p);
-                if !t.repairing {
-                    t.repairing = true;
-                    crate::metrics::repair("gap");
-                    self.spawn_repair(channel, last);
-                }
-            }
-        }
-    }
-
-    /// Starts tracking a channel the node just subscribed to, at the stream's position.
-    pub fn init(&self, channel: &str, offset: u64, epoch: &str) {
-        let mut tracks = self.tracks();
-        let t = tracks.entry(channel.to_owned()).or_default();
-        if t.last.is_none() {
-            t.last = Some(offset);
-            t.epoch = epoch.to_owned();
-        }
-    }
-
-    pub fn forget(&self, channel: &str) {
-        self.tracks().remove(channel);
-    }
-
-    /// After a pub/sub reconnect: catch every tracked channel up from its stream.
-    pub fn repair_all(self: &Arc<Self>, channels: &[String]) {
-        let mut tracks = self.tracks();
-        for redis_channel in channels {
-            let Some(channel) = self.keys.channel_of(redis_channel) else {
-                continue;
-            };
-            let Some(t) = tracks.get_mut(channel) else {
-                continue;
-            };
-            if let (Some(last), false) = (t.last, t.repairing) {
-                t.repairing = true;
-                crate::metrics::repair("reconnect");
-                self.spawn_repair(channel, last);
-            }
-        }
-    }
-
-    fn spawn_repair(self: &Arc<Self>, channel: &str, since: u64) {
-        let this = self.clone();
-        let channel = channel.to_owned();
-        tokio::spawn(async move { this.repair(channel, since).await });
-    }
-
-    async fn repair(self: Arc<Self>, channel: String, mut since: u64) {
-        let Some(reader) = self.reader.get().cloned() else {
-            return;
-        };
-        let Ok(name) = ChannelName::parse(&channel) else {
-            return;
-        };
-        let mut backoff = crate::backoff::Backoff::new(
-            std::time::Duration::from_millis(100),
-            std::time::Duration::from_secs(2),
-        );
-        loop {
-            let Some(page) = reader.read(name.clone(), since).await else {
-                if !self.tracks().get(&channel).is_some_and(|t| t.repairing) {
-                    return; // forgotten meanwhile
-                }
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
-            };
-            match self.apply(&channel, page) {
-                Some(next) => since = next,
-                None => return,
-            }
-        }
-    }
-
-    /// Delivers a repair page and what waited behind it; `Some(offset)` asks for another
-    /// page after that offset.
-    fn apply(&self, channel: &str, page: StreamPage) -> Option<u64> {
-        let mut tracks = self.tracks();
-        let t = tracks.get_mut(channel)?;
-        if !t.epoch.is_empty() && t.epoch != page.epoch {
-            tracing::warn!(channel, old = %t.epoch, new = %page.epoch, "channel epoch changed while disconnected");
-            self.hub.reset(channel);
-            t.epoch = page.epoch.clone();
-            t.last = Some(0);
-            t.pending.retain(|_, p| p.epoch == page.epoch);
-            // Read the new stream from its start.
-            return Some(0);
-        }
-        if t.epoch.is_empty() {
-            t.epoch = page.epoch.clone();
-        }
-        let page_was_full = page.publications.len() >= super::PAGE;
-        for p in page.publications {
-            let last = t.last.unwrap_or(0);
-            if p.offset <= last {
-                continue;
-            }
-            if p.offset > last + 1 {
-                crate::metrics::history_gap(p.offset - last - 1);
-                tracing::warn!(
-                    channel,
-                    from = last + 1,
-                    to = p.offset - 1,
-                    "publications lost: trimmed from the stream"
-                );
-            }
-            t.last = Some(p.offset);
-            t.pending.remove(&p.offset);
-            self.deliver(channel, p);
-        }
-        let last = t.last.unwrap_or(0);
-        if last < page.offset {
-            if page_was_full {
-                // More than one page behind: keep going.
-                return Some(last);
-            }
-            // The stream ends before its offset: the rest expired or was trimmed.
-            crate::metrics::history_gap(page.offset - last);
+    pub fn release(&mut self, name: &str, now: Instant) {
+        if !self.table.release(name, now) {
             tracing::warn!(
-                channel,
-                from = last + 1,
-                to = page.offset,
-                "publications lost: expired from the stream"
+                channel = name,
+                "release of a subscription this node does not hold"
             );
-            t.last = Some(page.offset);
         }
-        // Then whatever arrived live meanwhile, in order.
-        while let Some((offset, p)) = t.pending.pop_first() {
-            let last = t.last.unwrap_or(0);
-            if offset <= last {
+    }
+
+    /// Redis confirmed the subscriptions of `names`: start their delivery, or repair it
+    /// from the stream when it ran before (messages may have been missed meanwhile).
+    pub fn linked(&mut self, names: &[String], now: Instant) {
+        self.table.linked(names.iter().map(String::as_str));
+        for name in names {
+            let repair = self.table.is_ready(name);
+            let Some(tracker) = self.table.state_mut(name) else {
                 continue;
+            };
+            let actions = if repair {
+                metrics::repair("reconnect");
+                tracker.reconnected()
+            } else {
+                tracker.start()
+            };
+            self.perform(name, actions);
+            if repair {
+                // Live delivery is on again and the repair is ordered before anything
+                // new: requests can be answered now.
+                self.table.set_ready(name, now);
             }
-            if offset > last + 1 {
-                // The stream no longer has the missing ones (trimmed or expired): a real
-                // loss, counted; clients see the gap in offsets and can resubscribe.
-                crate::metrics::history_gap(offset - last - 1);
-                tracing::warn!(
-                    channel,
-                    from = last + 1,
-                    to = offset - 1,
-                    "publications lost: not in the stream"
-                );
-            }
-            t.last = Some(offset);
-            self.deliver(channel, p);
         }
-        t.repairing = false;
-        None
+    }
+
+    /// A message on a channel subscription.
+    pub fn on_message(&mut self, name: &str, payload: &[u8]) {
+        if self.table.state_mut(name).is_none() {
+            return; // unsubscribed meanwhile
+        }
+        let Some(channel) = self.keys.channel_of(name) else {
+            return;
+        };
+        match reply::message(payload) {
+            Ok(reply::Message::Publication(p)) if p.offset == 0 => {
+                // A channel without history: nothing to order or repair.
+                self.hub.deliver(p);
+            }
+            Ok(reply::Message::Publication(p)) => {
+                let Some(tracker) = self.table.state_mut(name) else {
+                    return;
+                };
+                let actions = tracker.on_publication(p);
+                self.perform(name, actions);
+            }
+            Ok(reply::Message::Push(body)) => {
+                self.hub.deliver_push(channel, body);
+            }
+            Err(why) => tracing::warn!(channel, why, "undecodable pub/sub message"),
+        }
+    }
+
+    /// A message on the control channel.
+    pub fn on_control(&self, payload: &[u8]) {
+        control::on_message(&self.hub, payload);
+    }
+
+    pub fn on_done(&mut self, done: Done, now: Instant) {
+        match done {
+            Done::Read { name, id, result } => {
+                let Some(tracker) = self.table.state_mut(&name) else {
+                    return;
+                };
+                let actions = match result {
+                    Ok(page) => tracker.on_page(id, page),
+                    Err(e) => {
+                        tracing::debug!(channel = name, error = %e, "stream read failed; retrying");
+                        tracker.on_read_failed(id, now)
+                    }
+                };
+                let started = tracker.started();
+                self.perform(&name, actions);
+                if started && !self.table.is_ready(&name) {
+                    self.table.set_ready(&name, now);
+                }
+            }
+            Done::Rotated { name } => {
+                if let Some(tracker) = self.table.state_mut(&name) {
+                    let actions = tracker.reconnected();
+                    self.perform(&name, actions);
+                }
+            }
+        }
+    }
+
+    fn perform(&mut self, name: &str, actions: Vec<Action>) {
+        let Some(channel) = self
+            .keys
+            .channel_of(name)
+            .and_then(|c| ChannelName::parse(c).ok())
+        else {
+            return;
+        };
+        for action in actions {
+            match action {
+                Action::Deliver(p) => {
+                    self.hub.deliver(p);
+                }
+                Action::Reset { epoch } => {
+                    tracing::warn!(%channel, epoch, "channel stream restarted under a new epoch");
+                    metrics::stream_reset();
+                    self.hub.reset(channel.as_str(), &epoch);
+                }
+                Action::Read {
+                    id,
+                    after,
+                    not_before,
+                } => {
+                    if after.is_some() && not_before.is_none() {
+                        metrics::repair("gap");
+                    }
+                    let (streams, done, name) =
+                        (self.streams.clone(), self.done.clone(), name.to_owned());
+                    let channel = channel.clone();
+                    tokio::spawn(async move {
+                        if let Some(at) = not_before {
+                            tokio::time::sleep_until(at.into()).await;
+                        }
+                        let result = streams.read(channel, after).await;
+                        let _ = done.send(Done::Read { name, id, result });
+                    });
+                }
+                Action::Loss { from, to } => {
+                    metrics::history_gap(to - from + 1);
+                    tracing::warn!(%channel, from, to, "publications lost: no longer in the stream");
+                }
+                Action::Duplicate { .. } => metrics::tracker_skip("duplicate"),
+                Action::Stale => metrics::tracker_skip("stale_epoch"),
+                Action::Rollback {
+                    epoch,
+                    position,
+                    delivered,
+                } => {
+                    tracing::error!(
+                        %channel, epoch, position, delivered,
+                        "stream went back under an unchanged epoch; rotating the epoch"
+                    );
+                    metrics::stream_rollback();
+                    let (streams, done, name) =
+                        (self.streams.clone(), self.done.clone(), name.to_owned());
+                    let channel = channel.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = streams.rotate(channel, epoch).await {
+                            tracing::warn!(error = %e, "epoch rotation failed; retrying on the next read");
+                        }
+                        let _ = done.send(Done::Rotated { name });
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Asks a pub/sub task to subscribe and waits until live delivery is on. A request that
+/// times out stops waiting in a way the task sees (the answer channel is closed), so the
+/// task never counts it; if the answer came first, it stands.
+pub async fn request_subscribe<C>(
+    tx: &mpsc::UnboundedSender<C>,
+    command: impl FnOnce(Reply) -> C,
+    timeout: std::time::Duration,
+) -> Result<(), BrokerError> {
+    let (reply, mut rx) = oneshot::channel();
+    tx.send(command(reply))
+        .map_err(|_| BrokerError::Internal("pub/sub task gone".into()))?;
+    match tokio::time::timeout(timeout, &mut rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(BrokerError::Internal("pub/sub task gone".into())),
+        Err(_) => {
+            rx.close();
+            match rx.try_recv() {
+                Ok(result) => result,
+                Err(_) => Err(BrokerError::Unavailable("redis subscribe timed out".into())),
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn parses_envelopes() {
-        assert_eq!(
-            parse_envelope(b"12 abc payload bytes"),
-            Some((12, "abc", &b"payload bytes"[..]))
-        );
-        assert_eq!(
-            parse_envelope(b"0  \x00\x01"),
-            Some((0, "", &b"\x00\x01"[..]))
-        );
-        assert_eq!(parse_envelope(b"x y z"), None);
-        assert_eq!(parse_envelope(b"12"), None);
+    #[tokio::test(start_paused = true)]
+    async fn a_subscribe_that_timed_out_is_never_counted() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+        let waiting =
+            tokio::spawn(
+                async move { request_subscribe(&tx, |r| r, Duration::from_secs(1)).await },
+            );
+        let reply = rx.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(waiting.await.unwrap().is_err());
+        // The task answers late: the requester is gone, so it must not count it.
+        assert!(reply.send(Ok(())).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_beat_the_timeout_stands() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+        let waiting =
+            tokio::spawn(
+                async move { request_subscribe(&tx, |r| r, Duration::from_secs(1)).await },
+            );
+        let reply = rx.recv().await.unwrap();
+        assert!(reply.send(Ok(())).is_ok());
+        assert_eq!(waiting.await.unwrap(), Ok(()));
     }
 }

@@ -1,24 +1,36 @@
-//! One Redis pub/sub connection and the channels it carries. A task owns the connection:
-//! it reference-counts subscriptions (one Redis subscription per channel per node),
-//! unsubscribes after a delay to absorb churn, and when the connection dies — or stays
-//! silent and its own probe does not come back through Redis — reconnects with backoff,
-//! re-subscribes everything in batches and has the stream repair what was missed.
+//! One Redis pub/sub connection to one server, and the channels it carries for this node.
+//! A task owns the connection and its [`Delivery`] (subscription table and trackers) and
+//! only performs I/O: SUBSCRIBE/UNSUBSCRIBE as the table asks, messages into the
+//! trackers, stream reads back into them.
+//!
+//! When the connection dies — or stays silent and its own probe publication does not come
+//! back through Redis — the task reconnects with backoff, subscribes everything again in
+//! batches, and the trackers repair what was missed from the streams.
 
-use super::{Keys, commands::Commands, delivery::Delivery};
-use crate::{backoff::Backoff, broker::BrokerError};
+use super::{
+    Keys,
+    commands::Commands,
+    delivery::{Delivery, Done, Reply, Streams, request_subscribe},
+};
+use crate::{
+    backoff::Backoff,
+    broker::{BrokerError, subscriptions::Acquired},
+    hub::Hub,
+};
 use futures_util::StreamExt;
 use std::{
-    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Channels re-subscribed per SUBSCRIBE call after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 256;
+/// How often idle subscriptions and the probe are looked at.
+const TICK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct PubSubConfig {
@@ -28,92 +40,38 @@ pub struct PubSubConfig {
 }
 
 /// What sessions ask of a pub/sub task (this one or the cluster's).
-pub(super) enum Command {
-    Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
+pub enum Command {
+    Subscribe(String, Reply),
     Unsubscribe(String),
 }
 
-/// Asks a pub/sub task to subscribe and waits until the subscription is live in Redis.
-pub(super) async fn request_subscribe(
-    tx: &mpsc::UnboundedSender<Command>,
-    redis_channel: String,
-    timeout: Duration,
-) -> Result<(), BrokerError> {
-    let (reply, rx) = oneshot::channel();
-    tx.send(Command::Subscribe(redis_channel.clone(), reply))
-        .map_err(|_| BrokerError::Internal("pub/sub task gone".into()))?;
-    match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(BrokerError::Internal("pub/sub task gone".into())),
-        Err(_) => {
-            // The task will still count this subscription when it gets to it; undo it.
-            let _ = tx.send(Command::Unsubscribe(redis_channel));
-            Err(BrokerError::Unavailable("redis subscribe timed out".into()))
-        }
-    }
-}
-
-/// Handle to one pub/sub connection task.
+/// Handle to one pub/sub task.
 pub struct PubSub {
     tx: mpsc::UnboundedSender<Command>,
     connected: Arc<AtomicBool>,
 }
 
-#[derive(Default)]
-struct Sub {
-    refs: usize,
-    subscribed: bool,
-    idle_since: Option<Instant>,
-}
-
 impl PubSub {
-    pub fn spawn(
-        client: redis::Client,
-        commands: Arc<Commands>,
-        delivery: Arc<Delivery>,
-        keys: Keys,
-        probe_channel: String,
-        extra_channels: Vec<String>,
-        config: PubSubConfig,
-    ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let connected = Arc::new(AtomicBool::new(false));
-        let task = Task {
-            client,
-            commands,
-            delivery,
-            keys,
-            probe_channel,
-            extra_channels,
-            config,
-            rx,
-            subs: HashMap::new(),
-            connected: connected.clone(),
-        };
-        tokio::spawn(task.run());
+    pub fn new(tx: mpsc::UnboundedSender<Command>, connected: Arc<AtomicBool>) -> Self {
         Self { tx, connected }
-    }
-
-    /// A handle to a task that tracks no connection state of its own (the cluster's,
-    /// whose connection redis-rs keeps up): it always counts as connected.
-    pub(super) fn always_connected(tx: mpsc::UnboundedSender<Command>) -> Self {
-        Self {
-            tx,
-            connected: Arc::new(AtomicBool::new(true)),
-        }
     }
 
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// Resolves once the node's subscription to `redis_channel` is live in Redis.
+    /// Resolves once the node's subscription to `redis_channel` is live and delivering.
     pub async fn subscribe(
         &self,
         redis_channel: String,
         timeout: Duration,
     ) -> Result<(), BrokerError> {
-        request_subscribe(&self.tx, redis_channel, timeout).await
+        request_subscribe(
+            &self.tx,
+            |reply| Command::Subscribe(redis_channel, reply),
+            timeout,
+        )
+        .await
     }
 
     pub fn unsubscribe(&self, redis_channel: String) {
@@ -121,17 +79,53 @@ impl PubSub {
     }
 }
 
+/// What one single-server pub/sub task needs.
+pub struct Setup {
+    pub client: redis::Client,
+    pub commands: Arc<Commands>,
+    pub hub: Arc<Hub>,
+    pub keys: Keys,
+    pub streams: Arc<dyn Streams>,
+    pub probe_channel: String,
+    /// The control channel, heard on one connection per server.
+    pub control_channel: Option<String>,
+    pub config: PubSubConfig,
+}
+
+/// Starts the task; returns its handle.
+pub fn spawn(setup: Setup) -> PubSub {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let connected = Arc::new(AtomicBool::new(false));
+    let (delivery, done) = Delivery::new(
+        setup.hub,
+        setup.keys,
+        setup.streams,
+        setup.config.unsubscribe_delay,
+    );
+    let task = Task {
+        client: setup.client,
+        commands: setup.commands,
+        delivery,
+        done,
+        probe_channel: setup.probe_channel,
+        control_channel: setup.control_channel,
+        config: setup.config,
+        rx,
+        connected: connected.clone(),
+    };
+    tokio::spawn(task.run());
+    PubSub::new(tx, connected)
+}
+
 struct Task {
     client: redis::Client,
     commands: Arc<Commands>,
-    delivery: Arc<Delivery>,
-    keys: Keys,
+    delivery: Delivery,
+    done: mpsc::UnboundedReceiver<Done>,
     probe_channel: String,
-    /// Always-on subscriptions besides the probe (the control channel).
-    extra_channels: Vec<String>,
+    control_channel: Option<String>,
     config: PubSubConfig,
     rx: mpsc::UnboundedReceiver<Command>,
-    subs: HashMap<String, Sub>,
     connected: Arc<AtomicBool>,
 }
 
@@ -150,38 +144,34 @@ impl Task {
                 Ended::Stopped => return,
                 Ended::Lost(why) => {
                     self.connected.store(false, Ordering::Relaxed);
-                    for s in self.subs.values_mut() {
-                        s.subscribed = false;
-                    }
+                    self.delivery.table.disconnected();
                     crate::metrics::pubsub_reconnect();
                     tracing::warn!(error = %why, "redis pub/sub connection lost; reconnecting");
                 }
             }
-            // While down, subscribe requests fail fast instead of waiting.
+            // While down, subscribe requests are refused at once (the table is
+            // disconnected) and reads still complete.
             let until = tokio::time::Instant::now() + backoff.next_delay();
-            while let Ok(Some(cmd)) = tokio::time::timeout_at(until, self.rx.recv()).await {
-                self.refuse(cmd);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    cmd = self.rx.recv() => match cmd {
+                        None => return,
+                        Some(cmd) => self.offline(cmd),
+                    },
+                    Some(done) = self.done.recv() => self.delivery.on_done(done, Instant::now()),
+                }
             }
         }
     }
 
-    fn refuse(&mut self, cmd: Command) {
+    fn offline(&mut self, cmd: Command) {
+        let now = Instant::now();
         match cmd {
-            Command::Subscribe(_, reply) => {
-                let _ = reply.send(Err(BrokerError::Unavailable(
-                    "redis pub/sub is reconnecting".into(),
-                )));
+            Command::Subscribe(name, reply) => {
+                self.delivery.acquire(&name, reply);
             }
-            Command::Unsubscribe(name) => self.release(&name),
-        }
-    }
-
-    fn release(&mut self, name: &str) {
-        if let Some(s) = self.subs.get_mut(name) {
-            s.refs = s.refs.saturating_sub(1);
-            if s.refs == 0 {
-                s.idle_since = Some(Instant::now());
-            }
+            Command::Unsubscribe(name) => self.delivery.release(&name, now),
         }
     }
 
@@ -194,50 +184,37 @@ impl Task {
         };
         let (mut sink, mut stream) = pubsub.split();
         let mut always = vec![self.probe_channel.clone()];
-        always.extend(self.extra_channels.iter().cloned());
+        always.extend(self.control_channel.iter().cloned());
         match tokio::time::timeout(timeout, sink.subscribe(&always)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Ended::Lost(e.to_string()),
             Err(_) => return Ended::Lost("subscribe timed out".into()),
         }
-        let names: Vec<String> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.refs > 0)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for batch in names.chunks(RESUBSCRIBE_BATCH) {
-            match tokio::time::timeout(timeout, sink.subscribe(batch)).await {
-                Ok(Ok(())) => {}
+        for batch in self.delivery.table.connect(RESUBSCRIBE_BATCH) {
+            match tokio::time::timeout(timeout, sink.subscribe(&batch)).await {
+                Ok(Ok(())) => self.delivery.linked(&batch, Instant::now()),
                 Ok(Err(e)) => return Ended::Lost(e.to_string()),
                 Err(_) => return Ended::Lost("re-subscribe timed out".into()),
             }
         }
-        for n in &names {
-            if let Some(s) = self.subs.get_mut(n) {
-                s.subscribed = true;
-            }
-        }
-        self.subs.retain(|_, s| s.refs > 0);
         backoff.reset();
         self.connected.store(true, Ordering::Relaxed);
-        // Anything published while this connection was down is in the streams.
-        self.delivery.repair_all(&names);
 
         let mut last_heard = Instant::now();
         let mut probe_sent: Option<Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
                 msg = stream.next() => {
                     let Some(msg) = msg else { return Ended::Lost("connection closed".into()) };
-                    last_heard = Instant::now();
+                    let now = Instant::now();
+                    last_heard = now;
                     probe_sent = None;
                     let channel = msg.get_channel_name();
                     if channel == self.probe_channel {
                         continue;
                     }
-                    if self.extra_channels.iter().any(|c| c == channel) {
+                    if self.control_channel.as_deref() == Some(channel) {
                         self.delivery.on_control(msg.get_payload_bytes());
                     } else {
                         self.delivery.on_message(channel, msg.get_payload_bytes());
@@ -245,51 +222,32 @@ impl Task {
                 }
                 cmd = self.rx.recv() => match cmd {
                     None => return Ended::Stopped,
-                    Some(Command::Unsubscribe(name)) => self.release(&name),
+                    Some(Command::Unsubscribe(name)) => self.delivery.release(&name, Instant::now()),
                     Some(Command::Subscribe(name, reply)) => {
-                        let s = self.subs.entry(name.clone()).or_default();
-                        s.refs += 1;
-                        s.idle_since = None;
-                        if s.subscribed {
-                            let _ = reply.send(Ok(()));
+                        if self.delivery.acquire(&name, reply) != Acquired::Link {
                             continue;
                         }
                         match tokio::time::timeout(timeout, sink.subscribe(&name)).await {
-                            Ok(Ok(())) => {
-                                s.subscribed = true;
-                                let _ = reply.send(Ok(()));
-                            }
+                            Ok(Ok(())) => self.delivery.linked(&[name], Instant::now()),
                             failed => {
-                                s.refs -= 1;
                                 let why = match failed {
                                     Ok(Err(e)) => e.to_string(),
                                     _ => "subscribe timed out".into(),
                                 };
-                                let _ = reply.send(Err(BrokerError::Unavailable(why.clone())));
+                                self.delivery.table.link_failed(&name, &BrokerError::Unavailable(why.clone()));
                                 return Ended::Lost(why);
                             }
                         }
                     }
                 },
+                Some(done) = self.done.recv() => self.delivery.on_done(done, Instant::now()),
                 _ = tick.tick() => {
-                    let delay = self.config.unsubscribe_delay;
-                    let due: Vec<String> = self
-                        .subs
-                        .iter()
-                        .filter(|(_, s)| s.refs == 0 && s.idle_since.is_some_and(|t| t.elapsed() >= delay))
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    if !due.is_empty() {
-                        match tokio::time::timeout(timeout, sink.unsubscribe(&due)).await {
+                    let idle = self.delivery.table.take_idle(Instant::now());
+                    if !idle.is_empty() {
+                        match tokio::time::timeout(timeout, sink.unsubscribe(&idle)).await {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => return Ended::Lost(e.to_string()),
                             Err(_) => return Ended::Lost("unsubscribe timed out".into()),
-                        }
-                        for n in due {
-                            self.subs.remove(&n);
-                            if let Some(channel) = self.keys.channel_of(&n) {
-                                self.delivery.forget(channel);
-                            }
                         }
                     }
                     // Silence may be a dead subscription (e.g. after a failover): publish to

@@ -1,11 +1,60 @@
 //! The Lua scripts: each broker operation on a channel is one script, so one round trip,
 //! atomic, and every key it touches shares the channel's `{…}` hash tag (one Cluster slot).
+//!
+//! Every script that reads or writes a channel's stream first settles its epoch
+//! (`STREAM_EPOCH`, shared). The epoch is a fact about the stream's identity, and that
+//! identity is the Redis instance holding it: the meta hash records which instance (its
+//! `run_id`) last vouched for the epoch and whether that instance persisted every write
+//! before acknowledging it (AOF with `appendfsync always`). When a script runs on another
+//! instance than the recorded one, the stream may have lost acknowledged publications: a
+//! restart from an older snapshot, a replica promoted before it had every write, a
+//! restored backup. The epoch is then rotated — unless the recorded instance was durable
+//! and the current one restarted from its own data rather than being promoted. So an
+//! `(epoch, offset)` pair never names two different publications.
+
+/// Settles the channel's epoch; defines `stream_epoch(stream, meta, candidate, durable)`
+/// returning the epoch to use. A missing meta starts a new stream (whatever stream is
+/// left belongs to a forgotten epoch); a changed instance rotates the epoch as above but
+/// keeps the offsets and the stored publications, which now belong to the new epoch.
+const STREAM_EPOCH: &str = r#"
+local function instance()
+  local server = redis.call('info', 'server')
+  local replication = redis.call('info', 'replication')
+  local run_id = string.match(server, 'run_id:(%x+)') or '?'
+  local promoted = string.match(replication, 'master_replid2:(%x+)') or ''
+  return run_id, string.find(promoted, '[^0]') ~= nil
+end
+local function stream_epoch(stream, meta, candidate, durable)
+  local m = redis.call('hmget', meta, 'e', 'r', 'd')
+  local run_id, promoted = instance()
+  if not m[1] then
+    redis.call('del', stream)
+    redis.call('hset', meta, 'e', candidate, 'o', 0, 'r', run_id, 'd', durable)
+    return candidate
+  end
+  if m[2] == run_id then
+    if m[3] ~= durable then
+      redis.call('hset', meta, 'd', durable)
+    end
+    return m[1]
+  end
+  if m[3] == '1' and not promoted then
+    redis.call('hset', meta, 'r', run_id, 'd', durable)
+    return m[1]
+  end
+  redis.call('hset', meta, 'e', candidate, 'r', run_id, 'd', durable)
+  return candidate
+end
+"#;
 
 /// KEYS: stream, meta, idempotency key. ARGV: payload, history size, history TTL (s),
 /// candidate epoch, pub/sub channel, idempotency TTL (s), has key ("1"/"0"), meta TTL (s),
-/// publish command (`publish`, or `spublish` on Redis Cluster).
+/// publish command (`publish`, or `spublish` on Redis Cluster), durable ("1"/"0").
 /// Returns {offset, epoch, duplicate}. The pub/sub message is "<offset> <epoch> <payload>".
-pub const PUBLISH: &str = r#"
+pub fn publish() -> String {
+    format!(
+        "{STREAM_EPOCH}{}",
+        r#"
 if ARGV[7] == '1' then
   local prev = redis.call('get', KEYS[3])
   if prev then
@@ -15,13 +64,7 @@ if ARGV[7] == '1' then
 end
 local offset, epoch = 0, ''
 if tonumber(ARGV[2]) > 0 then
-  epoch = redis.call('hget', KEYS[2], 'e')
-  if not epoch then
-    -- A new epoch: whatever stream is left belongs to the old one.
-    epoch = ARGV[4]
-    redis.call('del', KEYS[1])
-    redis.call('hset', KEYS[2], 'e', epoch, 'o', 0)
-  end
+  epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[10])
   offset = redis.call('hincrby', KEYS[2], 'o', 1)
   redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
   redis.call('expire', KEYS[1], ARGV[3])
@@ -32,18 +75,18 @@ if ARGV[7] == '1' then
   redis.call('set', KEYS[3], offset .. ' ' .. epoch, 'EX', ARGV[6])
 end
 return {offset, epoch, 0}
-"#;
+"#
+    )
+}
 
 /// KEYS: stream, meta. ARGV: since offset, count (0: position only), candidate epoch,
-/// meta TTL (s). Returns {offset, epoch, id1, data1, id2, data2, …}, read atomically so
-/// the offset is never behind the entries returned.
-pub const HISTORY: &str = r#"
-local epoch = redis.call('hget', KEYS[2], 'e')
-if not epoch then
-  epoch = ARGV[3]
-  redis.call('del', KEYS[1])
-  redis.call('hset', KEYS[2], 'e', epoch, 'o', 0)
-end
+/// meta TTL (s), durable ("1"/"0"). Returns {offset, epoch, id1, data1, id2, data2, …},
+/// read atomically so the offset is never behind the entries returned.
+pub fn history() -> String {
+    format!(
+        "{STREAM_EPOCH}{}",
+        r#"
+local epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[3], ARGV[5])
 redis.call('expire', KEYS[2], ARGV[4])
 local offset = tonumber(redis.call('hget', KEYS[2], 'o') or '0')
 local out = {offset, epoch}
@@ -56,6 +99,19 @@ if count > 0 then
   end
 end
 return out
+"#
+    )
+}
+
+/// KEYS: meta. ARGV: the stale epoch, candidate epoch. Rotates the epoch if it is still
+/// the stale one (a node saw the stream go backwards under it); returns {offset, epoch}.
+pub const ROTATE: &str = r#"
+local epoch = redis.call('hget', KEYS[1], 'e')
+if epoch == ARGV[1] then
+  redis.call('hset', KEYS[1], 'e', ARGV[2])
+  epoch = ARGV[2]
+end
+return {tonumber(redis.call('hget', KEYS[1], 'o') or '0'), epoch or ''}
 "#;
 
 /// KEYS: presence zset, presence hash. ARGV: now (ms). Drops expired members and returns

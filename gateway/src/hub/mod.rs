@@ -3,13 +3,17 @@
 //! disconnecting a user). A publication is encoded once per encoding in use on the channel
 //! and the same bytes are queued to every subscriber: no per-subscriber encode or copy.
 //!
-//! No sockets here: tests drive the hub with outboxes directly.
+//! Brokers call in here with publications in offset order; sessions read what was queued
+//! for them from their [`Outbox`]. No sockets: tests drive the hub with outboxes directly.
 
-use crate::{
-    metrics::Metrics,
-    session::outbox::{OutItem, Outbox, Pushed},
+pub mod outbox;
+
+use crate::metrics::Metrics;
+use broker_proto::{
+    CloseCode, Encoding, encode_frame,
+    v1::{Publication, Reset, ServerFrame, server_frame::Body},
 };
-use broker_proto::{CloseCode, Encoding, encode_frame, v1::ServerFrame};
+use outbox::{ItemKind, OutItem, Outbox, Pushed};
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
@@ -20,17 +24,34 @@ const SHARDS: usize = 64;
 
 pub type SessionId = u64;
 
+/// A channel's stream as one node currently knows it: the name and the epoch its
+/// publications belong to. Shared by every item queued for the channel, and replaced
+/// (never mutated) when the epoch changes, so a queued item keeps the epoch it had.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stream {
+    pub channel: Arc<str>,
+    pub epoch: String,
+}
+
+impl Stream {
+    pub fn new(channel: Arc<str>, epoch: String) -> Self {
+        Self { channel, epoch }
+    }
+}
+
 #[derive(Clone)]
 pub struct Subscriber {
     pub session: SessionId,
     pub encoding: Encoding,
+    /// Which of the session's subscriptions to this channel (see `OutItem::generation`).
+    pub generation: u32,
     pub outbox: Arc<Outbox>,
 }
 
-#[derive(Default)]
 struct Channel {
     subscribers: Vec<Subscriber>,
     json: usize,
+    stream: Arc<Stream>,
 }
 
 type Shard = HashMap<Arc<str>, Channel>;
@@ -39,10 +60,6 @@ struct LiveSession {
     user: String,
     outbox: Arc<Outbox>,
 }
-
-/// Sent through an outbox in place of a publication when a channel's stream restarted
-/// (new epoch): the session forgets the channel's last offset, since offsets start again.
-pub const STREAM_RESET: u64 = u64::MAX;
 
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
@@ -74,6 +91,7 @@ impl Hub {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Registers a live session (or updates its user after `connect`).
     pub fn register(&self, id: SessionId, user: String, outbox: Arc<Outbox>) {
         let mut sessions = self.sessions();
         sessions.insert(id, LiveSession { user, outbox });
@@ -107,31 +125,19 @@ impl Hub {
         matching.map(|s| s.outbox.close(code)).count()
     }
 
-    /// Tells every local subscriber of `channel` that its stream restarted (new epoch).
-    pub fn reset(&self, channel: &str) {
-        let shard = self.shard(channel);
-        let Some((key, entry)) = shard.get_key_value(channel) else {
-            return;
-        };
-        for sub in &entry.subscribers {
-            let item = OutItem {
-                channel: key.clone(),
-                offset: STREAM_RESET,
-                frame: bytes::Bytes::new(),
-            };
-            sub.outbox.push(item);
-        }
-    }
-
     fn shard(&self, channel: &str) -> MutexGuard<'_, Shard> {
         let i = self.hasher.hash_one(channel) as usize % SHARDS;
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a subscriber; returns the shared channel key the session should keep.
+    /// Adds a subscriber.
     pub fn subscribe(&self, channel: &Arc<str>, sub: Subscriber) -> Membership {
         let mut shard = self.shard(channel);
-        let entry = shard.entry(channel.clone()).or_default();
+        let entry = shard.entry(channel.clone()).or_insert_with(|| Channel {
+            subscribers: Vec::new(),
+            json: 0,
+            stream: Arc::new(Stream::new(channel.clone(), String::new())),
+        });
         if entry.subscribers.iter().any(|s| s.session == sub.session) {
             return Membership::Unchanged;
         }
@@ -166,12 +172,54 @@ impl Hub {
         }
     }
 
-    /// Queues `frame` to every local subscriber of `channel`; returns how many got it.
-    pub fn deliver(&self, channel: &str, offset: u64, frame: &ServerFrame) -> usize {
-        let shard = self.shard(channel);
-        let Some((key, entry)) = shard.get_key_value(channel) else {
+    /// Queues a publication to every local subscriber of its channel; returns how many
+    /// got it. Callers deliver one channel's publications in offset order.
+    pub fn deliver(&self, publication: Publication) -> usize {
+        let frame = push(Body::Publication(publication));
+        let Some(Body::Publication(p)) = &frame.body else {
             return 0;
         };
+        self.fan_out(
+            &p.channel,
+            ItemKind::Publication,
+            p.offset,
+            Some(&p.epoch),
+            &frame,
+        )
+    }
+
+    /// Queues a push without an offset (Join, Leave) to every local subscriber.
+    pub fn deliver_push(&self, channel: &str, body: Body) -> usize {
+        self.fan_out(channel, ItemKind::Push, 0, None, &push(body))
+    }
+
+    /// Tells every local subscriber that the channel's stream restarted under `epoch`.
+    /// Publications of the old epoch still queued keep their old stream and are skipped.
+    pub fn reset(&self, channel: &str, epoch: &str) -> usize {
+        let frame = push(Body::Reset(Reset {
+            channel: channel.to_owned(),
+            epoch: epoch.to_owned(),
+        }));
+        self.fan_out(channel, ItemKind::Reset, 0, Some(epoch), &frame)
+    }
+
+    fn fan_out(
+        &self,
+        channel: &str,
+        kind: ItemKind,
+        offset: u64,
+        epoch: Option<&str>,
+        frame: &ServerFrame,
+    ) -> usize {
+        let mut shard = self.shard(channel);
+        let Some(entry) = shard.get_mut(channel) else {
+            return 0;
+        };
+        if let Some(epoch) = epoch
+            && epoch != entry.stream.epoch
+        {
+            entry.stream = Arc::new(Stream::new(entry.stream.channel.clone(), epoch.to_owned()));
+        }
         let proto =
             (entry.subscribers.len() > entry.json).then(|| encode_frame(Encoding::Proto, frame));
         let json = (entry.json > 0).then(|| encode_frame(Encoding::Json, frame));
@@ -183,7 +231,9 @@ impl Hub {
             };
             let Some(bytes) = bytes else { continue };
             let item = OutItem {
-                channel: key.clone(),
+                stream: entry.stream.clone(),
+                generation: sub.generation,
+                kind,
                 offset,
                 frame: bytes.clone(),
             };
@@ -195,7 +245,9 @@ impl Hub {
             }
         }
         drop(shard);
-        self.metrics.deliveries.increment(delivered as u64);
+        if kind == ItemKind::Publication {
+            self.metrics.deliveries.increment(delivered as u64);
+        }
         if dropped > 0 {
             self.metrics.slow_consumer_drops.increment(dropped as u64);
         }
@@ -217,29 +269,34 @@ impl Hub {
     }
 }
 
+fn push(body: Body) -> ServerFrame {
+    ServerFrame {
+        id: 0,
+        error: None,
+        body: Some(body),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use broker_proto::v1::{Publication, server_frame::Body};
     use std::collections::VecDeque;
 
     fn sub(session: SessionId, encoding: Encoding) -> Subscriber {
         Subscriber {
             session,
             encoding,
+            generation: 7,
             outbox: Arc::new(Outbox::new(1 << 16)),
         }
     }
 
-    fn publication(offset: u64) -> ServerFrame {
-        ServerFrame {
-            id: 0,
-            error: None,
-            body: Some(Body::Publication(Publication {
-                channel: "c".into(),
-                offset,
-                ..Default::default()
-            })),
+    fn publication(offset: u64, epoch: &str) -> Publication {
+        Publication {
+            channel: "c".into(),
+            offset,
+            epoch: epoch.into(),
+            ..Default::default()
         }
     }
 
@@ -262,8 +319,10 @@ mod tests {
         assert_eq!(hub.subscribe(&c, subs[1].clone()), Membership::Changed);
         assert_eq!(hub.subscribe(&c, subs[2].clone()), Membership::Changed);
         assert_eq!(hub.subscribe(&c, subs[2].clone()), Membership::Unchanged);
-        assert_eq!(hub.deliver("c", 7, &publication(7)), 3);
-        assert_eq!(hub.deliver("other", 1, &publication(1)), 0);
+        assert_eq!(hub.deliver(publication(7, "e")), 3);
+        let mut other = publication(1, "e");
+        other.channel = "other".into();
+        assert_eq!(hub.deliver(other), 0);
         let (a, b, j) = (drained(&subs[0]), drained(&subs[1]), drained(&subs[2]));
         assert_eq!((a.len(), b.len(), j.len()), (1, 1, 1));
         assert_eq!(
@@ -272,7 +331,35 @@ mod tests {
             "proto subscribers share one buffer"
         );
         assert_eq!(j[0].frame[0], b'{', "json subscriber gets JSON");
-        assert_eq!(a[0].offset, 7);
+        assert_eq!(
+            (a[0].offset, a[0].kind, a[0].generation),
+            (7, ItemKind::Publication, 7)
+        );
+        assert_eq!(a[0].stream.epoch, "e");
+    }
+
+    #[test]
+    fn a_reset_gives_later_items_the_new_epoch_and_leaves_queued_ones_alone() {
+        let hub = Hub::new(Metrics::detached());
+        let c: Arc<str> = "c".into();
+        let s = sub(1, Encoding::Proto);
+        hub.subscribe(&c, s.clone());
+        hub.deliver(publication(5, "old"));
+        assert_eq!(hub.reset("c", "new"), 1);
+        hub.deliver(publication(1, "new"));
+        let items = drained(&s);
+        let seen: Vec<_> = items
+            .iter()
+            .map(|i| (i.kind, i.offset, i.stream.epoch.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (ItemKind::Publication, 5, "old"),
+                (ItemKind::Reset, 0, "new"),
+                (ItemKind::Publication, 1, "new"),
+            ]
+        );
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! A connection's bounded outbound queue. The hub pushes pre-encoded frames into it from
-//! any thread; the session task drains everything queued and writes it in one go. When
-//! the queue would exceed its byte budget the connection is marked a slow consumer
-//! (4008): dropping silently would be a lost message, so the client is made to reconnect
-//! and recover instead.
+//! A connection's bounded outbound queue, fed by the hub from any thread and drained by the
+//! connection's task, which writes everything queued in one go. When the queue would
+//! exceed its byte budget the connection is marked a slow consumer (4008): dropping
+//! silently would be a lost message, so the client is made to reconnect and recover.
 
+use super::Stream;
 use broker_proto::CloseCode;
 use bytes::Bytes;
 use std::{
@@ -12,12 +12,27 @@ use std::{
 };
 use tokio::sync::Notify;
 
+/// What a queued frame is, for the session's delivery rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    /// A publication; `OutItem::offset` is its offset (0 in channels without history).
+    Publication,
+    /// The channel's stream restarted under `OutItem::stream`'s epoch.
+    Reset,
+    /// A push without an offset (Join, Leave).
+    Push,
+}
+
 /// One queued push: a frame already encoded for this connection's encoding, shared with
 /// every other recipient.
 #[derive(Debug, Clone)]
 pub struct OutItem {
-    pub channel: Arc<str>,
-    /// The publication's offset, 0 for pushes without one (Join/Leave).
+    /// The channel and the epoch this frame belongs to.
+    pub stream: Arc<Stream>,
+    /// The subscription it was queued for: a frame queued before an unsubscribe must not
+    /// reach the next subscription to the same channel.
+    pub generation: u32,
+    pub kind: ItemKind,
     pub offset: u64,
     pub frame: Bytes,
 }
@@ -116,7 +131,9 @@ mod tests {
 
     fn item(n: usize) -> OutItem {
         OutItem {
-            channel: "c".into(),
+            stream: Arc::new(Stream::new("c".into(), String::new())),
+            generation: 1,
+            kind: ItemKind::Publication,
             offset: 1,
             frame: Bytes::from(vec![0; n]),
         }

@@ -1,0 +1,86 @@
+//! Key and pub/sub channel names. Everything of one channel carries `{channel}` as its
+//! hash tag, so one channel's keys share a Redis Cluster slot and one script can touch
+//! them all.
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn tagged(&self, channel: &str, suffix: &str) -> String {
+        format!("{}{{{channel}}}{suffix}", self.prefix)
+    }
+
+    /// The stream of publications (entry id = offset).
+    pub fn stream(&self, c: &str) -> String {
+        self.tagged(c, ":s")
+    }
+
+    /// The meta hash: offset `o`, epoch `e`, and the identity of the Redis instance that
+    /// last vouched for the epoch.
+    pub fn meta(&self, c: &str) -> String {
+        self.tagged(c, ":m")
+    }
+
+    pub fn idempotency(&self, c: &str, key: &str) -> String {
+        self.tagged(c, &format!(":i:{key}"))
+    }
+
+    /// Presence: a sorted set of client ids scored by expiry, and a hash client → user.
+    pub fn presence(&self, c: &str) -> String {
+        self.tagged(c, ":p")
+    }
+
+    pub fn presence_users(&self, c: &str) -> String {
+        self.tagged(c, ":pu")
+    }
+
+    /// The pub/sub channel carrying a gateway channel's publications.
+    pub fn pubsub(&self, c: &str) -> String {
+        self.tagged(c, "")
+    }
+
+    /// Control messages every node hears (disconnect a user).
+    pub fn control(&self) -> String {
+        format!("{}control", self.prefix)
+    }
+
+    /// The node registry hash.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    /// The gateway channel of a pub/sub channel name.
+    pub fn channel_of<'a>(&self, redis_channel: &'a str) -> Option<&'a str> {
+        redis_channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix('}')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_channel_hash_tag() {
+        let k = Keys::new("gw:");
+        assert_eq!(k.stream("chat:room"), "gw:{chat:room}:s");
+        assert_eq!(k.meta("chat:room"), "gw:{chat:room}:m");
+        assert_eq!(k.pubsub("chat:room"), "gw:{chat:room}");
+        assert_eq!(k.channel_of("gw:{chat:room}"), Some("chat:room"));
+        assert_eq!(k.channel_of("gw:control"), None);
+    }
+}

@@ -1,0 +1,61 @@
+//! `CommandError`: how a command (from a client or the HTTP API) fails — its documented
+//! code, a message for humans, and whether the connection must close afterwards. Every
+//! broker failure converts into one through `From`, so handlers just use `?`.
+
+use crate::broker::BrokerError;
+use broker_proto::{CloseCode, ErrorCode};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message} (code {})", code.code())]
+pub struct CommandError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Close the connection with this code after replying.
+    pub close: Option<CloseCode>,
+}
+
+impl CommandError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            close: None,
+        }
+    }
+
+    /// An error after which the connection closes with `close`.
+    pub fn closing(code: ErrorCode, message: impl Into<String>, close: CloseCode) -> Self {
+        Self {
+            close: Some(close),
+            ..Self::new(code, message)
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::PermissionDenied, message)
+    }
+}
+
+impl From<BrokerError> for CommandError {
+    fn from(e: BrokerError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_errors_keep_their_code_and_temporariness() {
+        let e = CommandError::from(BrokerError::Unavailable("down".into()));
+        assert_eq!((e.code, e.close), (ErrorCode::BrokerUnavailable, None));
+        assert!(e.code.temporary() && e.message.contains("down"));
+        let e = CommandError::from(BrokerError::Internal("bad reply".into()));
+        assert_eq!(e.code, ErrorCode::Internal);
+    }
+}

@@ -1,0 +1,207 @@
+//! The connection task: moves bytes and time between a WebSocket and its
+//! [`SessionCore`]. It is the only part of a session that knows tungstenite.
+//!
+//! Fair by construction: each turn waits for the client's next message, the outbox, or
+//! the next deadline, and the client and the outbox take turns at going first when both
+//! are ready, so a stream of deliveries cannot hold up a client's commands or pings.
+//! Deadlines (ping, idle, token expiry) are checked on every turn whatever woke it.
+//! Every turn ends by writing everything pending in as few messages as possible and one
+//! flush.
+
+use super::core::{SessionCore, Tick};
+use crate::metrics::Metrics;
+use broker_proto::{CloseCode, Encoding};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Error as WsError, Message,
+        error::{CapacityError, ProtocolError},
+        protocol::{CloseFrame, frame::coding::CloseCode as WsCloseCode},
+    },
+};
+
+/// How long a closing session waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// How a connection ends.
+pub enum Exit {
+    /// Close with this code (after a `Disconnect` frame).
+    Close(CloseCode),
+    /// The peer went away or the socket failed; nothing more can be sent.
+    Gone,
+}
+
+enum Event {
+    Message(Option<Result<Message, WsError>>),
+    Outbox,
+    Deadline,
+}
+
+/// Serves the session until it ends; the caller then closes with the exit code.
+pub async fn serve<S>(
+    core: &mut SessionCore,
+    ws: &mut WebSocketStream<S>,
+    metrics: &Metrics,
+) -> Exit
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let outbox = core.outbox().clone();
+    let mut client_first = true;
+    let mut pending = Vec::new();
+    let mut deadline = core.next_deadline();
+    let sleep = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(sleep);
+    loop {
+        let next = core.next_deadline();
+        if next != deadline {
+            deadline = next;
+            sleep.as_mut().reset(deadline.into());
+        }
+        let event = if client_first {
+            tokio::select! {
+                biased;
+                m = ws.next() => Event::Message(m),
+                _ = outbox.wait() => Event::Outbox,
+                _ = &mut sleep => Event::Deadline,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = outbox.wait() => Event::Outbox,
+                m = ws.next() => Event::Message(m),
+                _ = &mut sleep => Event::Deadline,
+            }
+        };
+        client_first = !client_first;
+        if let Event::Message(message) = event {
+            core.heard(tokio::time::Instant::now().into_std());
+            match message {
+                // tungstenite queued the echo of the client's close: send it.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = tokio::time::timeout(CLOSE_LINGER, ws.flush()).await;
+                    return Exit::Gone;
+                }
+                Some(Ok(message)) => {
+                    if let Some(exit) = on_message(core, message).await {
+                        return exit;
+                    }
+                }
+                Some(Err(e)) => return exit_for(e),
+                None => return Exit::Gone,
+            }
+        }
+        match core.on_timer(tokio::time::Instant::now().into_std()) {
+            Tick::Nothing => {}
+            Tick::Close(code) => return Exit::Close(code),
+            Tick::Ping => {
+                if ws.feed(Message::Ping(Bytes::new())).await.is_err() {
+                    return Exit::Gone;
+                }
+            }
+        }
+        let close = core.take_output(&mut pending);
+        if write(ws, core.encoding(), &mut pending, metrics)
+            .await
+            .is_err()
+        {
+            return Exit::Gone;
+        }
+        if let Some(code) = close {
+            return Exit::Close(code);
+        }
+    }
+}
+
+/// Hands one WebSocket message to the core; `Some` ends the session.
+async fn on_message(core: &mut SessionCore, message: Message) -> Option<Exit> {
+    let payload = match (message, core.encoding()) {
+        (Message::Binary(b), Encoding::Proto) => b,
+        (Message::Text(t), Encoding::Json) => Bytes::from(t),
+        (Message::Binary(_) | Message::Text(_), _) => {
+            return Some(Exit::Close(CloseCode::UnsupportedData));
+        }
+        // tungstenite answers pings itself; `serve` handles the peer's close.
+        (Message::Close(_), _) => return Some(Exit::Gone),
+        (Message::Ping(_) | Message::Pong(_) | Message::Frame(_), _) => return None,
+    };
+    // Boxed: a command's future is large and live only briefly, and the connection
+    // task's size is paid by every idle connection.
+    Box::pin(core.on_payload(payload)).await.map(Exit::Close)
+}
+
+/// Writes the packed payloads, then flushes once.
+async fn write<S>(
+    ws: &mut WebSocketStream<S>,
+    encoding: Encoding,
+    pending: &mut Vec<Bytes>,
+    metrics: &Metrics,
+) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    for payload in pending.drain(..) {
+        bytes += payload.len() as u64;
+        messages += 1;
+        ws.feed(message(encoding, payload)).await?;
+    }
+    ws.flush().await?;
+    if messages > 0 {
+        metrics.ws_messages_sent.increment(messages);
+        metrics.ws_bytes_sent.increment(bytes);
+    }
+    Ok(())
+}
+
+/// Sends the core's farewell (`Disconnect`) and the close frame, then waits briefly for
+/// the client's close.
+pub async fn close<S>(core: &mut SessionCore, ws: &mut WebSocketStream<S>, code: CloseCode)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let farewell = core.farewell(code);
+    let encoding = core.encoding();
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        if ws.feed(message(encoding, farewell)).await.is_err() {
+            return;
+        }
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code.code()),
+            reason: code.reason().into(),
+        };
+        if ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+fn message(encoding: Encoding, payload: Bytes) -> Message {
+    match encoding {
+        Encoding::Proto => Message::Binary(payload),
+        // JSON frames come from serde_json, so the payload is UTF-8 by construction.
+        Encoding::Json => match payload.try_into() {
+            Ok(text) => Message::Text(text),
+            Err(_) => Message::Binary(Bytes::new()),
+        },
+    }
+}
+
+fn exit_for(error: WsError) -> Exit {
+    match error {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Exit::Close(CloseCode::MessageTooBig)
+        }
+        WsError::Capacity(_) => Exit::Close(CloseCode::MessageTooBig),
+        WsError::Utf8(_) => Exit::Close(CloseCode::InvalidPayload),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Exit::Gone,
+        WsError::Protocol(_) => Exit::Close(CloseCode::ProtocolError),
+        _ => Exit::Gone,
+    }
+}

@@ -1,0 +1,278 @@
+//! `SessionCore`: one client connection's state and protocol, without the socket. The
+//! connection task feeds it what the client sent and the passing of time, and writes what
+//! it packs; tests drive it directly against the memory broker.
+//!
+//! It owns: who the client is, its subscriptions and their positions (the merge of
+//! recovery replies with live publications), the replies waiting to be written, the
+//! command rate limit, and the ping and idle deadlines.
+
+use super::{
+    context::Context,
+    rate::TokenBucket,
+    subscriptions::{Admit, Subscriptions},
+};
+use crate::{
+    auth::Identity,
+    error::CommandError,
+    hub::{
+        SessionId,
+        outbox::{OutItem, Outbox},
+    },
+    metrics,
+};
+use broker_proto::{
+    Batch, CloseCode, DecodeError, Encoding, ErrorCode, Limits, decode_frames, encode_frame,
+    v1::{
+        ClientFrame, ClientInfo, Disconnect, Error as WireError, ServerFrame, server_frame::Body,
+    },
+};
+use bytes::Bytes;
+use std::{collections::VecDeque, sync::Arc, time::Instant};
+
+/// Pushes are packed into WebSocket messages of about this size: large enough that one
+/// write carries many small publications, small enough to stay modest per connection.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024;
+
+/// What the passing of time asks of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tick {
+    Nothing,
+    /// Send a WebSocket ping.
+    Ping,
+    Close(CloseCode),
+}
+
+pub struct SessionCore {
+    pub(super) ctx: Arc<Context>,
+    pub(super) id: SessionId,
+    pub(super) client: String,
+    pub(super) encoding: Encoding,
+    pub(super) identity: Option<Identity>,
+    pub(super) connected: bool,
+    pub(super) outbox: Arc<Outbox>,
+    pub(super) subscriptions: Subscriptions,
+    /// Replies and per-session pushes waiting for the next write, already packed.
+    replies: Batch,
+    drained: VecDeque<OutItem>,
+    bucket: TokenBucket,
+    strikes: u32,
+    limits: Limits,
+    last_heard: Instant,
+    next_ping: Instant,
+}
+
+impl SessionCore {
+    /// A new session; [`Self::register`] makes it live.
+    pub fn new(
+        ctx: Arc<Context>,
+        encoding: Encoding,
+        identity: Option<Identity>,
+        now: Instant,
+    ) -> Self {
+        let (id, client) = ctx.next_session();
+        let config = &ctx.config;
+        let outbox = Arc::new(Outbox::new(config.outbound_queue_bytes));
+        Self {
+            id,
+            client,
+            encoding,
+            identity,
+            connected: false,
+            subscriptions: Subscriptions::default(),
+            replies: Batch::new(encoding, 0),
+            drained: VecDeque::new(),
+            bucket: TokenBucket::new(config.commands_per_second, config.command_burst, now),
+            strikes: 0,
+            limits: Limits {
+                max_frames_per_message: config.max_frames_per_message,
+                max_frame_bytes: config.max_message_bytes,
+            },
+            last_heard: now,
+            next_ping: now + config.ping_interval,
+            outbox,
+            ctx,
+        }
+    }
+
+    /// Registers the session with the hub, so draining and disconnects reach it.
+    pub fn register(&self) {
+        self.ctx
+            .hub
+            .register(self.id, self.user().to_owned(), self.outbox.clone());
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client
+    }
+
+    pub(super) fn user(&self) -> &str {
+        self.identity.as_ref().map_or("", |i| i.user.as_str())
+    }
+
+    pub(super) fn info(&self) -> ClientInfo {
+        ClientInfo {
+            user: self.user().to_owned(),
+            client: self.client.clone(),
+        }
+    }
+
+    /// Something (a message, a pong) arrived from the client.
+    pub fn heard(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
+    /// When [`Self::on_timer`] has something to do next.
+    pub fn next_deadline(&self) -> Instant {
+        let expiry = self
+            .identity
+            .as_ref()
+            .and_then(|i| i.expires_at)
+            .and_then(|exp| {
+                let left = exp.saturating_sub(self.ctx.clock.unix_secs());
+                self.ctx
+                    .clock
+                    .now()
+                    .checked_add(std::time::Duration::from_secs(left))
+            });
+        expiry.map_or(self.next_ping, |e| e.min(self.next_ping))
+    }
+
+    /// Pings, the idle timeout and token expiry.
+    pub fn on_timer(&mut self, now: Instant) -> Tick {
+        if self.token_expired() {
+            return Tick::Close(CloseCode::TokenExpired);
+        }
+        if now < self.next_ping {
+            return Tick::Nothing;
+        }
+        let every = self.ctx.config.ping_interval;
+        if now.saturating_duration_since(self.last_heard) > every * 2 {
+            return Tick::Close(CloseCode::IdleTimeout);
+        }
+        self.next_ping = now + every;
+        Tick::Ping
+    }
+
+    fn token_expired(&self) -> bool {
+        let now = self.ctx.clock.unix_secs();
+        self.identity
+            .as_ref()
+            .and_then(|i| i.expires_at)
+            .is_some_and(|exp| exp <= now)
+    }
+
+    /// One WebSocket message from the client in the negotiated encoding; `Some` closes.
+    pub async fn on_payload(&mut self, payload: Bytes) -> Option<CloseCode> {
+        let frames: Vec<ClientFrame> = match decode_frames(self.encoding, payload, &self.limits) {
+            Ok(frames) => frames,
+            Err(DecodeError::Empty) => return None,
+            Err(e) if e.is_size() => return Some(CloseCode::MessageTooBig),
+            Err(e) => {
+                tracing::debug!(client = %self.client, error = %e, "undecodable frame");
+                return Some(CloseCode::InvalidPayload);
+            }
+        };
+        for frame in frames {
+            if let Some(code) = self.handle(frame).await {
+                return Some(code);
+            }
+        }
+        None
+    }
+
+    /// Runs one command (rate-limited) and queues its reply; `Some` closes.
+    async fn handle(&mut self, frame: ClientFrame) -> Option<CloseCode> {
+        let id = frame.id;
+        if !self.bucket.take(self.ctx.clock.now()) {
+            self.strikes += 1;
+            if self.strikes >= self.ctx.config.rate_limit_strikes {
+                return Some(CloseCode::RateLimited);
+            }
+            let limited =
+                CommandError::new(ErrorCode::TooManyRequests, "command rate limit exceeded");
+            return self.reply(id, Err(limited));
+        }
+        self.strikes = 0;
+        let result = self.dispatch(frame.command).await;
+        self.reply(id, result)
+    }
+
+    /// Queues the reply (only for `id > 0`: a reply to 0 could not be matched to its
+    /// command); returns the close an error asks for.
+    fn reply(&mut self, id: u32, result: Result<Body, CommandError>) -> Option<CloseCode> {
+        let (body, error, close) = match result {
+            Ok(body) => (Some(body), None, None),
+            Err(e) => {
+                metrics::command_error(e.code.code());
+                let error = WireError {
+                    code: e.code.code(),
+                    message: e.message,
+                    temporary: e.code.temporary(),
+                };
+                (None, Some(error), e.close)
+            }
+        };
+        if id > 0 {
+            self.push_frame(&ServerFrame { id, error, body });
+        }
+        close
+    }
+
+    pub(super) fn push_frame(&mut self, frame: &ServerFrame) {
+        self.replies.push(&encode_frame(self.encoding, frame));
+    }
+
+    /// Packs what waits for the client into WebSocket message payloads of about
+    /// [`MAX_BATCH_BYTES`]: replies first, then what the hub queued that the client
+    /// should get. Returns a close the outbox asked for (slow consumer, drain, API).
+    pub fn take_output(&mut self, out: &mut Vec<Bytes>) -> Option<CloseCode> {
+        let close = self.outbox.drain(&mut self.drained);
+        for item in self.drained.drain(..) {
+            if self.subscriptions.admit(&item) == Admit::Skip {
+                continue;
+            }
+            if !self.replies.is_empty() && self.replies.len() + item.frame.len() > MAX_BATCH_BYTES {
+                out.push(self.replies.take());
+            }
+            self.replies.push(&item.frame);
+        }
+        if !self.replies.is_empty() {
+            out.push(self.replies.take());
+        }
+        close
+    }
+
+    /// The last message before a server-initiated close: pending replies, then the
+    /// `Disconnect` push with the same code.
+    pub fn farewell(&mut self, code: CloseCode) -> Bytes {
+        metrics::disconnect(code.code());
+        let disconnect = Disconnect {
+            code: u32::from(code.code()),
+            reason: code.reason().into(),
+            reconnect: code.reconnect(),
+        };
+        self.push_frame(&ServerFrame {
+            id: 0,
+            error: None,
+            body: Some(Body::Disconnect(disconnect)),
+        });
+        self.replies.take()
+    }
+
+    /// Leaves every channel and the hub; the session is over.
+    pub async fn end(&mut self) {
+        let subscriptions: Vec<_> = self.subscriptions.drain().collect();
+        for sub in subscriptions {
+            self.leave(sub).await;
+        }
+        self.ctx.hub.unregister(self.id);
+    }
+}

@@ -1,0 +1,226 @@
+//! `Subscriptions`: one connection's channels, each with the position its client has, and
+//! the rule that decides which queued frames reach the client.
+//!
+//! The rule is what makes recovery exact. A subscribe joins the live stream first and
+//! reads history second, so a publication may be both in the reply and queued live; the
+//! reply is written first and sets the subscription's position, and a queued publication
+//! at or below that position is a duplicate. In full:
+//! - a frame queued for an earlier subscription to the same channel (another generation)
+//!   is dropped, so an unsubscribe really ends delivery;
+//! - a publication of another epoch than the subscription's is dropped: it belongs to a
+//!   stream the client was already moved off (or not yet moved onto, by a reset);
+//! - a publication at or below the position is dropped; others advance it;
+//! - a reset to the epoch the subscription already has is dropped (its read saw the new
+//!   epoch first); otherwise it moves the subscription to the new epoch at offset 0 and
+//!   is passed on, so the client learns its old position is void.
+
+use crate::{
+    channel::ChannelName,
+    hub::{
+        Stream,
+        outbox::{ItemKind, OutItem},
+    },
+};
+use std::{collections::HashMap, sync::Arc};
+
+/// A channel this connection subscribes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
+    pub channel: ChannelName,
+    /// Which subscription to this channel on this connection.
+    pub generation: u32,
+    /// The epoch and the last offset the client has (from the subscribe reply, then each
+    /// publication delivered). Empty epoch and 0 in channels without history.
+    pub epoch: String,
+    pub last_offset: u64,
+    pub presence: bool,
+    pub join_leave: bool,
+}
+
+/// What to do with a queued frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Deliver,
+    Skip,
+}
+
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    map: HashMap<Arc<str>, Subscription>,
+    generation: u32,
+}
+
+impl Subscriptions {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn contains(&self, channel: &str) -> bool {
+        self.map.contains_key(channel)
+    }
+
+    pub fn get(&self, channel: &str) -> Option<&Subscription> {
+        self.map.get(channel)
+    }
+
+    /// A generation number for the next subscription.
+    pub fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1);
+        self.generation
+    }
+
+    pub fn insert(&mut self, sub: Subscription) {
+        self.map.insert(sub.channel.shared().clone(), sub);
+    }
+
+    pub fn remove(&mut self, channel: &str) -> Option<Subscription> {
+        self.map.remove(channel)
+    }
+
+    pub fn drain(&mut self) -> impl Iterator<Item = Subscription> + '_ {
+        self.map.drain().map(|(_, s)| s)
+    }
+
+    /// Whether `item` goes to the client; updates the subscription's position.
+    pub fn admit(&mut self, item: &OutItem) -> Admit {
+        let stream: &Stream = &item.stream;
+        let Some(sub) = self.map.get_mut(&*stream.channel) else {
+            return Admit::Skip;
+        };
+        if sub.generation != item.generation {
+            return Admit::Skip;
+        }
+        match item.kind {
+            ItemKind::Push => Admit::Deliver,
+            ItemKind::Reset if sub.epoch == stream.epoch => Admit::Skip,
+            ItemKind::Reset => {
+                sub.epoch.clone_from(&stream.epoch);
+                sub.last_offset = 0;
+                Admit::Deliver
+            }
+            // Channels without history: no offsets, nothing to compare.
+            ItemKind::Publication if item.offset == 0 => Admit::Deliver,
+            ItemKind::Publication => {
+                if stream.epoch != sub.epoch || item.offset <= sub.last_offset {
+                    return Admit::Skip;
+                }
+                sub.last_offset = item.offset;
+                Admit::Deliver
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn subscription(generation: u32, epoch: &str, last: u64) -> Subscription {
+        Subscription {
+            channel: ChannelName::parse("c").unwrap(),
+            generation,
+            epoch: epoch.into(),
+            last_offset: last,
+            presence: false,
+            join_leave: false,
+        }
+    }
+
+    fn item(generation: u32, kind: ItemKind, epoch: &str, offset: u64) -> OutItem {
+        OutItem {
+            stream: Arc::new(Stream::new("c".into(), epoch.into())),
+            generation,
+            kind,
+            offset,
+            frame: Bytes::new(),
+        }
+    }
+
+    fn admitted(subs: &mut Subscriptions, items: &[OutItem]) -> Vec<Admit> {
+        items.iter().map(|i| subs.admit(i)).collect()
+    }
+
+    use Admit::{Deliver, Skip};
+    use ItemKind::{Publication, Push, Reset};
+
+    #[test]
+    fn publications_already_in_the_reply_are_skipped_once() {
+        let mut subs = Subscriptions::default();
+        subs.insert(subscription(1, "e", 5));
+        let items: Vec<OutItem> = (4..=7).map(|o| item(1, Publication, "e", o)).collect();
+        assert_eq!(
+            admitted(&mut subs, &items),
+            vec![Skip, Skip, Deliver, Deliver]
+        );
+        assert_eq!(subs.get("c").unwrap().last_offset, 7);
+        assert_eq!(
+            subs.admit(&items[3]),
+            Skip,
+            "a duplicate later is skipped too"
+        );
+    }
+
+    #[test]
+    fn frames_queued_for_an_earlier_subscription_are_dropped() {
+        // [publish, unsubscribe, subscribe] in a channel without history: the first
+        // publication was queued for generation 1 and must not reach generation 2.
+        let mut subs = Subscriptions::default();
+        subs.insert(subscription(2, "", 0));
+        let items = [
+            item(1, Publication, "", 0),
+            item(1, Push, "", 0),
+            item(2, Publication, "", 0),
+        ];
+        assert_eq!(admitted(&mut subs, &items), vec![Skip, Skip, Deliver]);
+        assert_eq!(subs.admit(&item(2, Publication, "", 0)), Deliver);
+        assert!(subs.remove("c").is_some());
+        assert_eq!(subs.admit(&item(2, Publication, "", 0)), Skip);
+    }
+
+    #[test]
+    fn a_reset_moves_the_subscription_to_the_new_epoch_from_offset_zero() {
+        let mut subs = Subscriptions::default();
+        subs.insert(subscription(1, "old", 10));
+        let items = [
+            item(1, Publication, "old", 11),
+            item(1, Reset, "new", 0),
+            item(1, Publication, "old", 12),
+            item(1, Publication, "new", 1),
+            item(1, Publication, "new", 2),
+        ];
+        assert_eq!(
+            admitted(&mut subs, &items),
+            vec![Deliver, Deliver, Skip, Deliver, Deliver]
+        );
+        let s = subs.get("c").unwrap();
+        assert_eq!((s.epoch.as_str(), s.last_offset), ("new", 2));
+    }
+
+    #[test]
+    fn a_reset_to_the_epoch_the_reply_already_gave_is_ignored() {
+        // The subscribe read saw the new epoch before this node's tracker did: the
+        // tracker's late reset must not send the client back to offset 0.
+        let mut subs = Subscriptions::default();
+        subs.insert(subscription(1, "new", 4));
+        let items = [
+            item(1, Publication, "old", 9),
+            item(1, Reset, "new", 0),
+            item(1, Publication, "new", 3),
+            item(1, Publication, "new", 5),
+        ];
+        assert_eq!(admitted(&mut subs, &items), vec![Skip, Skip, Skip, Deliver]);
+    }
+
+    #[test]
+    fn unknown_channels_are_skipped() {
+        let mut subs = Subscriptions::default();
+        assert_eq!(subs.admit(&item(1, Publication, "e", 1)), Skip);
+        assert_eq!(subs.next_generation(), 1);
+        assert_eq!(subs.next_generation(), 2);
+    }
+}
