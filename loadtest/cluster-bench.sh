@@ -9,11 +9,13 @@
 # "N nodes vs 1" can be measured on a 2-core machine without the machine itself being the
 # cap; "none" runs uncapped. Needs root for the cap. Publishers connect to one more,
 # uncapped node that has no subscribers (a backend publishing through the gateway), the
-# same in every configuration; its CPU is not in the reported sum.
+# same in every configuration; its CPU is not in the reported sum. GATEWAY_BIN runs
+# another gateway binary (e.g. an older release, for a side-by-side comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:?nodes}; cap=${2:?cpu cap or none}; shift 2
 cargo build --release -q -p gateway -p loadtest
+gateway=${GATEWAY_BIN:-./target/release/gateway}
 dir=$(mktemp -d)
 pids=()
 cgroups=()
@@ -32,7 +34,7 @@ sleep 0.3
 addrs=()
 for i in $(seq 1 "$nodes"); do
   port=$((rport + i))
-  GATEWAY_LOG=warn ./target/release/gateway --listen "127.0.0.1:$port" --node-id "bench$i" \
+  GATEWAY_LOG=warn "$gateway" --listen "127.0.0.1:$port" --node-id "bench$i" \
     --redis-url "redis://127.0.0.1:$rport" --config loadtest/bench.toml >/dev/null 2>&1 &
   pid=$!
   pids+=($pid)
@@ -48,7 +50,7 @@ for i in $(seq 1 "$nodes"); do
   fi
 done
 pport=$((rport + 50))
-GATEWAY_LOG=warn ./target/release/gateway --listen "127.0.0.1:$pport" --node-id bench-publisher \
+GATEWAY_LOG=warn "$gateway" --listen "127.0.0.1:$pport" --node-id bench-publisher \
   --redis-url "redis://127.0.0.1:$rport" --config loadtest/bench.toml >/dev/null 2>&1 &
 pids+=($!)
 sleep 0.5

@@ -277,11 +277,14 @@ async fn a_subscribe_that_times_out_takes_no_one_elses_reference() {
     assert_eq!(publications(&pushes_until(&mut y, 1).await)[0].offset, 1);
 
     redis.signal("STOP");
-    // W's subscribe holds up the pub/sub task (Redis does not answer); X's subscribe to
-    // Y's channel waits behind it and times out.
+    // W's subscribe holds up the pub/sub task until it gives up on the connection; then
+    // the task spends each reconnect attempt waiting on the frozen Redis. Subscribes to
+    // Y's channel keep arriving meanwhile, some early enough in an attempt to time out
+    // before the task can refuse them.
     let addr = nodes[1].ws_url("");
     let mut attempts = Vec::new();
-    for channel in ["other", "kept", "kept"] {
+    for i in 0..25 {
+        let channel = if i == 0 { "other" } else { "kept" };
         let addr = addr.clone();
         attempts.push(tokio::spawn(async move {
             let mut c = Client::connect(&addr, Some(Encoding::PROTO_SUBPROTOCOL), Encoding::Proto)
@@ -290,10 +293,9 @@ async fn a_subscribe_that_times_out_takes_no_one_elses_reference() {
             let reply = c.call(subscribe(channel)).await;
             (c, error_code(&reply))
         }));
-        // W's subscribe reaches the pub/sub task first.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
     }
-    tokio::time::sleep(Duration::from_millis(2600)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     redis.signal("CONT");
     for a in attempts {
         let (c, code) = a.await.unwrap();

@@ -180,6 +180,7 @@ impl SessionCore {
             last_offset,
             presence: options.presence,
             join_leave: options.join_leave,
+            seen: None,
         });
         Ok(Body::Subscribe(result))
     }

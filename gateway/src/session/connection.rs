@@ -2,8 +2,10 @@
 //! [`SessionCore`]. It is the only part of a session that knows tungstenite.
 //!
 //! Fair by construction: each turn waits for the client's next message, the outbox, or
-//! the next deadline, and the client and the outbox take turns at going first when both
-//! are ready, so a stream of deliveries cannot hold up a client's commands or pings.
+//! the next deadline. The outbox goes first (the client's socket is then not even polled,
+//! which matters at a delivery per wake-up), but after [`OUTBOX_STREAK`] outbox turns in a
+//! row the client goes first, so a stream of deliveries holds up a client's commands and
+//! pings for a bounded number of turns at most.
 //! Deadlines (ping, idle, token expiry) are checked on every turn whatever woke it.
 //! Every turn ends by writing everything pending in as few messages as possible and one
 //! flush.
@@ -24,6 +26,8 @@ use tokio_tungstenite::{
     },
 };
 
+/// Outbox turns in a row before the client is served first.
+const OUTBOX_STREAK: u32 = 4;
 /// How long a closing session waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -51,7 +55,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let outbox = core.outbox().clone();
-    let mut client_first = true;
+    let mut outbox_streak = 0u32;
     let mut pending = Vec::new();
     let mut deadline = core.next_deadline();
     let sleep = tokio::time::sleep_until(deadline.into());
@@ -62,7 +66,7 @@ where
             deadline = next;
             sleep.as_mut().reset(deadline.into());
         }
-        let event = if client_first {
+        let event = if outbox_streak >= OUTBOX_STREAK {
             tokio::select! {
                 biased;
                 m = ws.next() => Event::Message(m),
@@ -77,7 +81,10 @@ where
                 _ = &mut sleep => Event::Deadline,
             }
         };
-        client_first = !client_first;
+        outbox_streak = match event {
+            Event::Outbox => outbox_streak + 1,
+            _ => 0,
+        };
         if let Event::Message(message) = event {
             core.heard(tokio::time::Instant::now().into_std());
             match message {

@@ -131,6 +131,13 @@ impl SessionCore {
 
     /// When [`Self::on_timer`] has something to do next.
     pub fn next_deadline(&self) -> Instant {
+        if self
+            .identity
+            .as_ref()
+            .is_none_or(|i| i.expires_at.is_none())
+        {
+            return self.next_ping;
+        }
         let expiry = self
             .identity
             .as_ref()
@@ -162,11 +169,10 @@ impl SessionCore {
     }
 
     fn token_expired(&self) -> bool {
-        let now = self.ctx.clock.unix_secs();
         self.identity
             .as_ref()
             .and_then(|i| i.expires_at)
-            .is_some_and(|exp| exp <= now)
+            .is_some_and(|exp| exp <= self.ctx.clock.unix_secs())
     }
 
     /// One WebSocket message from the client in the negotiated encoding; `Some` closes.

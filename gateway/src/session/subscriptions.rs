@@ -35,6 +35,9 @@ pub struct Subscription {
     pub last_offset: u64,
     pub presence: bool,
     pub join_leave: bool,
+    /// The stream of the last publication admitted: a queued item sharing it has the
+    /// same epoch, without comparing strings per delivery.
+    pub seen: Option<Arc<Stream>>,
 }
 
 /// What to do with a queued frame.
@@ -100,12 +103,21 @@ impl Subscriptions {
             ItemKind::Reset => {
                 sub.epoch.clone_from(&stream.epoch);
                 sub.last_offset = 0;
+                sub.seen = None;
                 Admit::Deliver
             }
             // Channels without history: no offsets, nothing to compare.
             ItemKind::Publication if item.offset == 0 => Admit::Deliver,
             ItemKind::Publication => {
-                if stream.epoch != sub.epoch || item.offset <= sub.last_offset {
+                let same_epoch = match &sub.seen {
+                    Some(seen) if Arc::ptr_eq(seen, &item.stream) => true,
+                    _ if stream.epoch == sub.epoch => {
+                        sub.seen = Some(item.stream.clone());
+                        true
+                    }
+                    _ => false,
+                };
+                if !same_epoch || item.offset <= sub.last_offset {
                     return Admit::Skip;
                 }
                 sub.last_offset = item.offset;
@@ -128,6 +140,7 @@ mod tests {
             last_offset: last,
             presence: false,
             join_leave: false,
+            seen: None,
         }
     }
 

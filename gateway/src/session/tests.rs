@@ -402,5 +402,5 @@ async fn a_flood_of_deliveries_does_not_hold_up_a_clients_commands() {
         }
     };
     assert!(answered, "the ping was not answered within 1,000 messages");
-    assert!(messages <= 4, "answered only after {messages} messages");
+    assert!(messages <= 8, "answered only after {messages} messages");
 }

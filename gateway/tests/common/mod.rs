@@ -48,7 +48,9 @@ impl Server {
         std::fs::write(&path, config).unwrap();
         // GATEWAY_TEST_BIN runs the suite against another build (e.g. an older release).
         let bin = std::env::var("GATEWAY_TEST_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_gateway").to_owned());
+            .ok()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_gateway").to_owned());
         let mut command = Process::new(bin);
         command
             .args(["--listen", "127.0.0.1:0", "--config"])

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     broker::{BrokerError, subscriptions::Acquired},
+    clock::Clock,
     hub::Hub,
 };
 use redis::{PushInfo, PushKind, Value};
@@ -28,7 +29,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 use tokio::sync::mpsc;
 
@@ -43,6 +44,7 @@ pub struct Setup {
     pub streams: Arc<dyn Streams>,
     pub control: String,
     pub config: PubSubConfig,
+    pub clock: Clock,
 }
 
 /// Starts the cluster's subscription task; returns its handle.
@@ -54,6 +56,7 @@ pub fn spawn(setup: Setup) -> PubSub {
         setup.keys,
         setup.streams,
         setup.config.unsubscribe_delay,
+        setup.clock,
     );
     let task = Task {
         commands: setup.commands,
@@ -149,7 +152,7 @@ impl Task {
                     return;
                 }
             }
-            self.delivery.linked(&batch, Instant::now());
+            self.delivery.linked(&batch, self.delivery.clock.now());
         }
         if reconnect {
             crate::metrics::pubsub_reconnect();
@@ -169,7 +172,7 @@ impl Task {
                 }
                 cmd = self.rx.recv() => match cmd {
                     None => return,
-                    Some(Command::Unsubscribe(name)) => self.delivery.release(&name, Instant::now()),
+                    Some(Command::Unsubscribe(name)) => self.delivery.release(&name, self.delivery.clock.now()),
                     Some(Command::Subscribe(name, reply)) => {
                         if !self.delivery.table.connected() {
                             self.ensure_linked().await;
@@ -182,12 +185,12 @@ impl Task {
                             Err(e) => Err(e),
                         };
                         match linked {
-                            Ok(()) => self.delivery.linked(&[name], Instant::now()),
+                            Ok(()) => self.delivery.linked(&[name], self.delivery.clock.now()),
                             Err(e) => self.delivery.table.link_failed(&name, &e),
                         }
                     }
                 },
-                Some(done) = self.done.recv() => self.delivery.on_done(done, Instant::now()),
+                Some(done) = self.done.recv() => self.delivery.on_done(done, self.delivery.clock.now()),
                 _ = tick.tick() => {
                     self.ensure_linked().await;
                     self.unsubscribe_idle().await;
@@ -197,7 +200,7 @@ impl Task {
     }
 
     async fn unsubscribe_idle(&mut self) {
-        let idle = self.delivery.table.take_idle(Instant::now());
+        let idle = self.delivery.table.take_idle(self.delivery.clock.now());
         if idle.is_empty() {
             return;
         }

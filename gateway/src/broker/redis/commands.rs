@@ -14,7 +14,7 @@ use redis::{
 use std::{
     future::Future,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -73,8 +73,21 @@ impl Connector {
     }
 }
 
+/// Who answers on a connection: the identity the scripts record with each channel's epoch
+/// (see `scripts.rs`). Read once per new connection, before any script runs on it, so a
+/// script never quotes the identity of another server. Empty `run_id` (Redis Cluster: the
+/// connection reaches many masters) makes the scripts read it themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Instance {
+    pub run_id: String,
+    /// This server was promoted from a replica (it may lack acknowledged writes).
+    pub promoted: bool,
+    /// It acknowledges only persisted writes (AOF with `appendfsync always`).
+    pub durable: bool,
+}
+
 struct State {
-    conn: Option<Conn>,
+    conn: Option<(Conn, Arc<Instance>)>,
     retry_at: Option<Instant>,
     backoff: Backoff,
 }
@@ -87,9 +100,6 @@ pub struct Commands {
     healthy: AtomicBool,
     /// Bumped whenever a new connection replaces the old one.
     generation: std::sync::atomic::AtomicU64,
-    /// Whether the server acknowledges only persisted writes (AOF, `appendfsync always`),
-    /// read on every new connection; the scripts record it with each channel's epoch.
-    durable: AtomicBool,
 }
 
 /// Whether an error means the connection (not the command) failed.
@@ -118,7 +128,6 @@ impl Commands {
             connecting: tokio::sync::Mutex::new(()),
             healthy: AtomicBool::new(false),
             generation: std::sync::atomic::AtomicU64::new(0),
-            durable: AtomicBool::new(false),
         }
     }
 
@@ -126,11 +135,6 @@ impl Commands {
     /// connection's subscriptions) did not carry over.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
-    }
-
-    /// Whether the server was durable when last connected (see the field).
-    pub fn durable(&self) -> bool {
-        self.durable.load(Ordering::Relaxed)
     }
 
     pub fn healthy(&self) -> bool {
@@ -142,7 +146,7 @@ impl Commands {
     }
 
     /// The live connection, or an error at once while in a backoff window.
-    fn current(&self) -> Result<Option<Conn>, BrokerError> {
+    fn current(&self) -> Result<Option<(Conn, Arc<Instance>)>, BrokerError> {
         let s = self.state();
         if let Some(c) = &s.conn {
             return Ok(Some(c.clone()));
@@ -156,6 +160,11 @@ impl Commands {
     }
 
     pub async fn connection(&self) -> Result<Conn, BrokerError> {
+        self.connection_to().await.map(|(c, _)| c)
+    }
+
+    /// The live connection and who answers on it, connecting if needed.
+    async fn connection_to(&self) -> Result<(Conn, Arc<Instance>), BrokerError> {
         if let Some(c) = self.current()? {
             return Ok(c);
         }
@@ -163,10 +172,15 @@ impl Commands {
         if let Some(c) = self.current()? {
             return Ok(c);
         }
-        match tokio::time::timeout(self.timeout, self.connector.connect()).await {
+        let connected = tokio::time::timeout(self.timeout, async {
+            let conn = self.connector.connect().await?;
+            let single = matches!(self.connector, Connector::Single(..));
+            let instance = identify(conn.clone(), single).await?;
+            Ok::<_, redis::RedisError>((conn, Arc::new(instance)))
+        })
+        .await;
+        match connected {
             Ok(Ok(c)) => {
-                let durable = probe_durable(c.clone(), self.timeout).await;
-                self.durable.store(durable, Ordering::Relaxed);
                 let mut s = self.state();
                 s.conn = Some(c.clone());
                 s.retry_at = None;
@@ -196,8 +210,17 @@ impl Commands {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let conn = self.connection().await?;
-        match tokio::time::timeout(self.timeout, f(conn)).await {
+        self.run_as(|conn, _| f(conn)).await
+    }
+
+    /// Runs `f` on the connection, telling it who answers there.
+    pub async fn run_as<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(Conn, Arc<Instance>) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let (conn, instance) = self.connection_to().await?;
+        match tokio::time::timeout(self.timeout, f(conn, instance)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_connection_error(&e) => Err(self.failed(e.to_string())),
             Ok(Err(e)) => Err(BrokerError::Internal(e.to_string())),
@@ -206,22 +229,72 @@ impl Commands {
     }
 }
 
+/// Who answers on a new connection. One server: its `run_id` and whether it was
+/// promoted from a replica (`master_replid2` set), from `INFO`. Redis Cluster: left to
+/// the scripts, which run on whichever master owns a channel's slot.
+async fn identify(mut conn: Conn, single: bool) -> RedisResult<Instance> {
+    let durable = durable(conn.clone()).await;
+    if !single {
+        return Ok(Instance {
+            durable,
+            ..Instance::default()
+        });
+    }
+    let server: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await?;
+    let replication: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut conn)
+        .await?;
+    Ok(Instance {
+        run_id: info_field(&server, "run_id").unwrap_or_default().to_owned(),
+        promoted: info_field(&replication, "master_replid2")
+            .is_some_and(|r| r.bytes().any(|b| b != b'0')),
+        durable,
+    })
+}
+
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
 /// Whether the server persists every write before acknowledging it. `CONFIG` may be
 /// disabled (managed Redis): then the answer is no, and epochs rotate on every restart,
 /// which is safe.
-async fn probe_durable(mut conn: Conn, timeout: Duration) -> bool {
+async fn durable(mut conn: Conn) -> bool {
     let mut command = redis::cmd("CONFIG");
     command.arg("GET").arg("append*");
-    let query = command.query_async::<std::collections::HashMap<String, String>>(&mut conn);
-    match tokio::time::timeout(timeout, query).await {
-        Ok(Ok(config)) => {
+    match command
+        .query_async::<std::collections::HashMap<String, String>>(&mut conn)
+        .await
+    {
+        Ok(config) => {
             config.get("appendonly").map(String::as_str) == Some("yes")
                 && config.get("appendfsync").map(String::as_str) == Some("always")
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::info!(error = %e, "cannot read redis persistence config; treating it as not durable");
             false
         }
-        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_info_fields() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n";
+        assert_eq!(info_field(info, "run_id"), Some("abc123"));
+        assert_eq!(info_field(info, "run"), None);
+        assert_eq!(
+            info_field("master_replid2:0000\r\n", "master_replid2"),
+            Some("0000")
+        );
     }
 }

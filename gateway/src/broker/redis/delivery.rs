@@ -16,6 +16,7 @@ use crate::{
         tracker::{Action, ChannelTracker, StreamPage},
     },
     channel::ChannelName,
+    clock::Clock,
     hub::Hub,
     metrics,
 };
@@ -53,6 +54,8 @@ pub enum Done {
 
 pub struct Delivery {
     pub table: SubscriptionTable<ChannelTracker, Reply>,
+    /// The tasks read time here.
+    pub clock: Clock,
     hub: Arc<Hub>,
     keys: Keys,
     streams: Arc<dyn Streams>,
@@ -65,10 +68,12 @@ impl Delivery {
         keys: Keys,
         streams: Arc<dyn Streams>,
         unsubscribe_delay: std::time::Duration,
+        clock: Clock,
     ) -> (Self, mpsc::UnboundedReceiver<Done>) {
         let (done, done_rx) = mpsc::unbounded_channel();
         let delivery = Self {
             table: SubscriptionTable::new(unsubscribe_delay),
+            clock,
             hub,
             keys,
             streams,

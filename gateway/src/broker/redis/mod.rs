@@ -174,6 +174,7 @@ impl RedisBroker {
                         streams,
                         control: keys.control(),
                         config: pubsub_config,
+                        clock: clock.clone(),
                     });
                     vec![Server {
                         commands,
@@ -193,6 +194,7 @@ impl RedisBroker {
                             &hub,
                             &streams,
                             &pubsub_config,
+                            &clock,
                         )
                     })
                     .collect(),
@@ -227,6 +229,7 @@ impl RedisBroker {
         hub: &Arc<Hub>,
         streams: &Arc<dyn Streams>,
         pubsub_config: &PubSubConfig,
+        clock: &Clock,
     ) -> Server {
         let commands = Arc::new(Commands::new(client.clone(), config.command_timeout));
         let pubsub = (0..config.pubsub_connections)
@@ -241,6 +244,7 @@ impl RedisBroker {
                     // Control messages are heard once per server, on its first connection.
                     control_channel: (k == 0).then(|| keys.control()),
                     config: pubsub_config.clone(),
+                    clock: clock.clone(),
                 })
             })
             .collect();
@@ -294,12 +298,11 @@ impl RedisBroker {
     ) -> Result<StreamPage, BrokerError> {
         let c = channel.as_str();
         let (stream, meta) = (self.keys.stream(c), self.keys.meta(c));
-        let server = self.server(c);
-        let durable = flag(server.commands.durable());
         let script = &self.scripts.history;
-        let response: Vec<Value> = server
+        let response: Vec<Value> = self
+            .server(c)
             .commands
-            .run(|mut conn| async move {
+            .run_as(|mut conn, instance| async move {
                 script
                     .key(stream)
                     .key(meta)
@@ -307,7 +310,9 @@ impl RedisBroker {
                     .arg(count)
                     .arg(new_epoch())
                     .arg(META_TTL_SECONDS)
-                    .arg(durable)
+                    .arg(flag(instance.durable))
+                    .arg(&instance.run_id)
+                    .arg(flag(instance.promoted))
                     .invoke_async(&mut conn)
                     .await
             })
@@ -446,13 +451,12 @@ impl Broker for RedisBroker {
         };
         let ttl = options.history_ttl_seconds.max(1);
         let (stream, meta, pubsub) = (self.keys.stream(c), self.keys.meta(c), self.keys.pubsub(c));
-        let server = self.server(c);
-        let durable = flag(server.commands.durable());
         let script = &self.scripts.publish;
         let command = self.publish_command().to_ascii_lowercase();
-        let response: Vec<Value> = server
+        let response: Vec<Value> = self
+            .server(c)
             .commands
-            .run(|mut conn| async move {
+            .run_as(|mut conn, instance| async move {
                 script
                     .key(stream)
                     .key(meta)
@@ -466,7 +470,9 @@ impl Broker for RedisBroker {
                     .arg(flag(has_key))
                     .arg(META_TTL_SECONDS.max(ttl))
                     .arg(command)
-                    .arg(durable)
+                    .arg(flag(instance.durable))
+                    .arg(&instance.run_id)
+                    .arg(flag(instance.promoted))
                     .invoke_async(&mut conn)
                     .await
             })

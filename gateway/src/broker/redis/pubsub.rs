@@ -15,6 +15,7 @@ use super::{
 use crate::{
     backoff::Backoff,
     broker::{BrokerError, subscriptions::Acquired},
+    clock::Clock,
     hub::Hub,
 };
 use futures_util::StreamExt;
@@ -90,6 +91,7 @@ pub struct Setup {
     /// The control channel, heard on one connection per server.
     pub control_channel: Option<String>,
     pub config: PubSubConfig,
+    pub clock: Clock,
 }
 
 /// Starts the task; returns its handle.
@@ -101,6 +103,7 @@ pub fn spawn(setup: Setup) -> PubSub {
         setup.keys,
         setup.streams,
         setup.config.unsubscribe_delay,
+        setup.clock,
     );
     let task = Task {
         client: setup.client,
@@ -159,14 +162,14 @@ impl Task {
                         None => return,
                         Some(cmd) => self.offline(cmd),
                     },
-                    Some(done) = self.done.recv() => self.delivery.on_done(done, Instant::now()),
+                    Some(done) = self.done.recv() => self.delivery.on_done(done, self.delivery.clock.now()),
                 }
             }
         }
     }
 
     fn offline(&mut self, cmd: Command) {
-        let now = Instant::now();
+        let now = self.delivery.clock.now();
         match cmd {
             Command::Subscribe(name, reply) => {
                 self.delivery.acquire(&name, reply);
@@ -192,7 +195,7 @@ impl Task {
         }
         for batch in self.delivery.table.connect(RESUBSCRIBE_BATCH) {
             match tokio::time::timeout(timeout, sink.subscribe(&batch)).await {
-                Ok(Ok(())) => self.delivery.linked(&batch, Instant::now()),
+                Ok(Ok(())) => self.delivery.linked(&batch, self.delivery.clock.now()),
                 Ok(Err(e)) => return Ended::Lost(e.to_string()),
                 Err(_) => return Ended::Lost("re-subscribe timed out".into()),
             }
@@ -200,14 +203,14 @@ impl Task {
         backoff.reset();
         self.connected.store(true, Ordering::Relaxed);
 
-        let mut last_heard = Instant::now();
+        let mut last_heard = self.delivery.clock.now();
         let mut probe_sent: Option<Instant> = None;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
                 msg = stream.next() => {
                     let Some(msg) = msg else { return Ended::Lost("connection closed".into()) };
-                    let now = Instant::now();
+                    let now = self.delivery.clock.now();
                     last_heard = now;
                     probe_sent = None;
                     let channel = msg.get_channel_name();
@@ -222,13 +225,13 @@ impl Task {
                 }
                 cmd = self.rx.recv() => match cmd {
                     None => return Ended::Stopped,
-                    Some(Command::Unsubscribe(name)) => self.delivery.release(&name, Instant::now()),
+                    Some(Command::Unsubscribe(name)) => self.delivery.release(&name, self.delivery.clock.now()),
                     Some(Command::Subscribe(name, reply)) => {
                         if self.delivery.acquire(&name, reply) != Acquired::Link {
                             continue;
                         }
                         match tokio::time::timeout(timeout, sink.subscribe(&name)).await {
-                            Ok(Ok(())) => self.delivery.linked(&[name], Instant::now()),
+                            Ok(Ok(())) => self.delivery.linked(&[name], self.delivery.clock.now()),
                             failed => {
                                 let why = match failed {
                                     Ok(Err(e)) => e.to_string(),
@@ -240,9 +243,9 @@ impl Task {
                         }
                     }
                 },
-                Some(done) = self.done.recv() => self.delivery.on_done(done, Instant::now()),
+                Some(done) = self.done.recv() => self.delivery.on_done(done, self.delivery.clock.now()),
                 _ = tick.tick() => {
-                    let idle = self.delivery.table.take_idle(Instant::now());
+                    let idle = self.delivery.table.take_idle(self.delivery.clock.now());
                     if !idle.is_empty() {
                         match tokio::time::timeout(timeout, sink.unsubscribe(&idle)).await {
                             Ok(Ok(())) => {}
@@ -253,12 +256,12 @@ impl Task {
                     // Silence may be a dead subscription (e.g. after a failover): publish to
                     // our own probe channel and expect to hear it back.
                     match probe_sent {
-                        Some(sent) if sent.elapsed() > timeout.max(self.config.probe_interval) => {
+                        Some(sent) if self.delivery.clock.now().saturating_duration_since(sent) > timeout.max(self.config.probe_interval) => {
                             return Ended::Lost("probe did not come back through redis".into());
                         }
                         Some(_) => {}
-                        None if last_heard.elapsed() >= self.config.probe_interval => {
-                            probe_sent = Some(Instant::now());
+                        None if self.delivery.clock.now().saturating_duration_since(last_heard) >= self.config.probe_interval => {
+                            probe_sent = Some(self.delivery.clock.now());
                             let (commands, channel) = (self.commands.clone(), self.probe_channel.clone());
                             tokio::spawn(async move {
                                 let _ = commands

@@ -12,21 +12,27 @@
 //! and the current one restarted from its own data rather than being promoted. So an
 //! `(epoch, offset)` pair never names two different publications.
 
-/// Settles the channel's epoch; defines `stream_epoch(stream, meta, candidate, durable)`
-/// returning the epoch to use. A missing meta starts a new stream (whatever stream is
+/// Settles the channel's epoch; defines
+/// `stream_epoch(stream, meta, candidate, durable, run_id, promoted)` returning the epoch
+/// to use. The node passes who answers on its connection (read when it connected); an
+/// empty `run_id` (Redis Cluster) makes the script read it with `INFO`, which costs
+/// several microseconds per call. A missing meta starts a new stream (whatever stream is
 /// left belongs to a forgotten epoch); a changed instance rotates the epoch as above but
 /// keeps the offsets and the stored publications, which now belong to the new epoch.
 const STREAM_EPOCH: &str = r#"
-local function instance()
+local function instance(run_id, promoted)
+  if run_id ~= '' then
+    return run_id, promoted == '1'
+  end
   local server = redis.call('info', 'server')
   local replication = redis.call('info', 'replication')
-  local run_id = string.match(server, 'run_id:(%x+)') or '?'
-  local promoted = string.match(replication, 'master_replid2:(%x+)') or ''
-  return run_id, string.find(promoted, '[^0]') ~= nil
+  local id = string.match(server, 'run_id:(%x+)') or '?'
+  local replid2 = string.match(replication, 'master_replid2:(%x+)') or ''
+  return id, string.find(replid2, '[^0]') ~= nil
 end
-local function stream_epoch(stream, meta, candidate, durable)
+local function stream_epoch(stream, meta, candidate, durable, node_run_id, node_promoted)
   local m = redis.call('hmget', meta, 'e', 'r', 'd')
-  local run_id, promoted = instance()
+  local run_id, promoted = instance(node_run_id, node_promoted)
   if not m[1] then
     redis.call('del', stream)
     redis.call('hset', meta, 'e', candidate, 'o', 0, 'r', run_id, 'd', durable)
@@ -49,7 +55,8 @@ end
 
 /// KEYS: stream, meta, idempotency key. ARGV: payload, history size, history TTL (s),
 /// candidate epoch, pub/sub channel, idempotency TTL (s), has key ("1"/"0"), meta TTL (s),
-/// publish command (`publish`, or `spublish` on Redis Cluster), durable ("1"/"0").
+/// publish command (`publish`, or `spublish` on Redis Cluster), then the instance:
+/// durable ("1"/"0"), run_id (or ""), promoted ("1"/"0").
 /// Returns {offset, epoch, duplicate}. The pub/sub message is "<offset> <epoch> <payload>".
 pub fn publish() -> String {
     format!(
@@ -64,7 +71,7 @@ if ARGV[7] == '1' then
 end
 local offset, epoch = 0, ''
 if tonumber(ARGV[2]) > 0 then
-  epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[10])
+  epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[10], ARGV[11], ARGV[12])
   offset = redis.call('hincrby', KEYS[2], 'o', 1)
   redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
   redis.call('expire', KEYS[1], ARGV[3])
@@ -80,13 +87,13 @@ return {offset, epoch, 0}
 }
 
 /// KEYS: stream, meta. ARGV: since offset, count (0: position only), candidate epoch,
-/// meta TTL (s), durable ("1"/"0"). Returns {offset, epoch, id1, data1, id2, data2, …},
+/// meta TTL (s), then the instance: durable, run_id, promoted. Returns {offset, epoch, id1, data1, id2, data2, …},
 /// read atomically so the offset is never behind the entries returned.
 pub fn history() -> String {
     format!(
         "{STREAM_EPOCH}{}",
         r#"
-local epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[3], ARGV[5])
+local epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7])
 redis.call('expire', KEYS[2], ARGV[4])
 local offset = tonumber(redis.call('hget', KEYS[2], 'o') or '0')
 local out = {offset, epoch}
