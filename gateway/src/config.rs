@@ -188,6 +188,9 @@ pub struct RedisOptions {
     pub probe_interval_ms: u64,
     /// Presence entries expire this long after their node stops refreshing them.
     pub presence_ttl_seconds: u64,
+    /// A server no node of the current server list has seen for this long counts as
+    /// having sat out a layout change: channel epochs restart (see ARCHITECTURE.md).
+    pub layout_stale_seconds: u64,
 }
 
 impl Default for RedisOptions {
@@ -199,6 +202,7 @@ impl Default for RedisOptions {
             unsubscribe_delay_ms: 2000,
             probe_interval_ms: 2000,
             presence_ttl_seconds: 60,
+            layout_stale_seconds: 300,
         }
     }
 }
@@ -214,6 +218,7 @@ pub struct RedisConfig {
     pub unsubscribe_delay: Duration,
     pub probe_interval: Duration,
     pub presence_ttl: Duration,
+    pub layout_stale: Duration,
 }
 
 /// Token verification keys. With none, clients connect anonymously.
@@ -422,13 +427,18 @@ impl Config {
             ));
         }
         let urls = self.redis_urls();
-        let schemes = ["redis://", "rediss://", "redis+cluster://"];
+        let schemes = [
+            "redis://",
+            "rediss://",
+            "redis+cluster://",
+            "redis+sentinel://",
+        ];
         if urls
             .iter()
             .any(|u| !schemes.iter().any(|s| u.starts_with(s)))
         {
             return Err(ConfigError::Invalid(
-                "redis_url: each comma-separated URL must start with redis:// or redis+cluster://"
+                "redis_url: each comma-separated URL must start with redis://, rediss://, redis+sentinel:// or redis+cluster://"
                     .into(),
             ));
         }
@@ -478,6 +488,7 @@ impl Config {
             unsubscribe_delay: Duration::from_millis(r.unsubscribe_delay_ms),
             probe_interval: Duration::from_millis(r.probe_interval_ms),
             presence_ttl: Duration::from_secs(r.presence_ttl_seconds.max(1)),
+            layout_stale: Duration::from_secs(r.layout_stale_seconds.max(1)),
         })
     }
 }

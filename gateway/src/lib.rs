@@ -51,9 +51,13 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
             config.namespaces.clone(),
             clock.clone(),
         )),
-        Some(redis) => {
-            broker::redis::RedisBroker::new(redis, &config.node_id, hub.clone(), clock.clone())?
-        }
+        Some(redis) => broker::redis::RedisBroker::new(
+            redis,
+            &config.node_id,
+            hub.clone(),
+            config.namespaces.clone(),
+            clock.clone(),
+        )?,
     };
     let verifier = auth::Verifier::new(&config.auth)?;
     let node = Arc::new(node::Node::new(

@@ -182,6 +182,11 @@ pub fn tracker_skip(reason: &'static str) {
     counter!("gateway_redis_skipped_total", "reason" => reason).increment(1);
 }
 
+/// Whether another live node shards over a different set of Redis servers.
+pub fn layout_mismatch(mismatch: bool) {
+    gauge!("gateway_redis_layout_mismatch").set(if mismatch { 1.0 } else { 0.0 });
+}
+
 pub fn pubsub_reconnect() {
     counter!("gateway_redis_pubsub_reconnects_total").increment(1);
 }

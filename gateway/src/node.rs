@@ -114,6 +114,7 @@ impl Node {
             connections: self.connection_count(),
             channels: self.hub.channel_count(),
             updated_unix_ms: self.clock.unix_ms(),
+            layout: String::new(),
         }
     }
 }

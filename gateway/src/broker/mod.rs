@@ -67,6 +67,9 @@ pub struct NodeInfo {
     pub connections: usize,
     pub channels: usize,
     pub updated_unix_ms: i64,
+    /// The fingerprint of the Redis servers the node shards over (empty without).
+    #[serde(default)]
+    pub layout: String,
 }
 
 #[async_trait]

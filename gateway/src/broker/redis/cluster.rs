@@ -11,6 +11,12 @@
 //! - When a slot moves to another master, Redis ends the shard subscriptions in it with
 //!   an `sunsubscribe` push. The table marks such a channel down and the next tick
 //!   subscribes it again (now on the new owner) and repairs it.
+//!
+//! Self-probe: the task keeps one probe channel per master (a name hashing to a slot the
+//! master owns, re-read from `CLUSTER SLOTS` every probe interval) and publishes to each
+//! every probe interval; a probe that does not come back within the command timeout means
+//! some shard subscription went silent, and every channel is subscribed again and
+//! repaired, as after a disconnection.
 
 use super::{
     Keys,
@@ -35,6 +41,13 @@ use tokio::sync::mpsc;
 
 const TICK: Duration = Duration::from_millis(250);
 
+/// One master's probe channel, and when its last probe was sent (not yet heard back).
+struct Probe {
+    channel: String,
+    subscribed: bool,
+    sent: Option<std::time::Instant>,
+}
+
 /// What the cluster's subscription task needs.
 pub struct Setup {
     pub commands: Arc<Commands>,
@@ -43,6 +56,9 @@ pub struct Setup {
     pub keys: Keys,
     pub streams: Arc<dyn Streams>,
     pub control: String,
+    /// Distinguishes this node's probe channels from other nodes'.
+    pub node_id: String,
+    pub prefix: String,
     pub config: PubSubConfig,
     pub clock: Clock,
 }
@@ -69,6 +85,9 @@ pub fn spawn(setup: Setup) -> PubSub {
         generation: None,
         relink: false,
         connected: connected.clone(),
+        probes: Vec::new(),
+        probe_base: format!("{}probe:{}", setup.prefix, setup.node_id),
+        last_probe: None,
     };
     tokio::spawn(task.run());
     PubSub::new(tx, connected)
@@ -87,6 +106,9 @@ struct Task {
     /// Some subscriptions are down while the connection is up (Redis ended them).
     relink: bool,
     connected: Arc<AtomicBool>,
+    probes: Vec<Probe>,
+    probe_base: String,
+    last_probe: Option<std::time::Instant>,
 }
 
 fn bulk_str(v: &Value) -> Option<String> {
@@ -194,6 +216,7 @@ impl Task {
                 _ = tick.tick() => {
                     self.ensure_linked().await;
                     self.unsubscribe_idle().await;
+                    self.probe().await;
                 }
             }
         }
@@ -211,6 +234,107 @@ impl Task {
         }
     }
 
+    /// Sends each master's probe every probe interval and checks the last ones came
+    /// back; refreshes the probe channels from the slot map.
+    async fn probe(&mut self) {
+        let now = self.delivery.clock.now();
+        let interval = self.config.probe_interval;
+        let overdue = interval.max(self.config.timeout);
+        if let Some(p) = self.probes.iter().find(|p| {
+            p.sent
+                .is_some_and(|t| now.saturating_duration_since(t) > overdue)
+        }) {
+            tracing::warn!(
+                probe = p.channel,
+                "a shard subscription went silent; subscribing again and repairing"
+            );
+            self.probes.clear();
+            self.delivery.table.disconnected();
+            self.connected.store(false, Ordering::Relaxed);
+            return;
+        }
+        if self
+            .last_probe
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
+        {
+            return;
+        }
+        self.last_probe = Some(now);
+        let Ok(mut conn) = self.cluster().await else {
+            return;
+        };
+        if let Ok(channels) = self.probe_channels(&mut conn).await {
+            let mut probes = Vec::with_capacity(channels.len());
+            for channel in channels {
+                let old = self.probes.iter().position(|p| p.channel == channel);
+                probes.push(old.map(|i| self.probes.swap_remove(i)).unwrap_or(Probe {
+                    channel,
+                    subscribed: false,
+                    sent: None,
+                }));
+            }
+            for stale in self.probes.drain(..).filter(|p| p.subscribed) {
+                let _ = conn.sunsubscribe(&stale.channel).await;
+            }
+            self.probes = probes;
+        }
+        for i in 0..self.probes.len() {
+            if !self.probes[i].subscribed {
+                let channel = self.probes[i].channel.clone();
+                self.probes[i].subscribed = self.ssubscribe(&mut conn, &channel).await.is_ok();
+                continue;
+            }
+            if self.probes[i].sent.is_some() {
+                continue;
+            }
+            let channel = self.probes[i].channel.clone();
+            let mut spublish = redis::cmd("SPUBLISH");
+            spublish.arg(&channel).arg("probe");
+            let published = spublish.query_async::<i64>(&mut conn);
+            if matches!(
+                tokio::time::timeout(self.config.timeout, published).await,
+                Ok(Ok(_))
+            ) {
+                self.probes[i].sent = Some(now);
+            }
+        }
+    }
+
+    /// One channel per master, named so it hashes to the first slot the master owns.
+    async fn probe_channels(
+        &self,
+        conn: &mut redis::cluster_async::ClusterConnection,
+    ) -> Result<Vec<String>, BrokerError> {
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("SLOTS");
+        let slots = command.query_async::<Value>(conn);
+        let slots = match tokio::time::timeout(self.config.timeout, slots).await {
+            Ok(Ok(Value::Array(ranges))) => ranges,
+            _ => return Err(BrokerError::Unavailable("CLUSTER SLOTS".into())),
+        };
+        let mut firsts: Vec<(String, u16)> = Vec::new();
+        for range in &slots {
+            let Value::Array(r) = range else { continue };
+            let (Some(Value::Int(start)), Some(Value::Array(master))) = (r.first(), r.get(2))
+            else {
+                continue;
+            };
+            let id = master.get(2).and_then(bulk_str).unwrap_or_default();
+            let start = u16::try_from(*start).unwrap_or(0);
+            match firsts.iter_mut().find(|(m, _)| *m == id) {
+                Some(entry) => entry.1 = entry.1.min(start),
+                None => firsts.push((id, start)),
+            }
+        }
+        Ok(firsts
+            .into_iter()
+            .filter_map(|(_, slot)| {
+                let tag = tag_for_slot(slot)?;
+                Some(format!("{{{tag}}}{}", self.probe_base))
+            })
+            .collect())
+    }
+
     fn on_push(&mut self, push: PushInfo) {
         match push.kind {
             PushKind::SMessage | PushKind::Message => {
@@ -219,10 +343,28 @@ impl Task {
                 else {
                     return;
                 };
+                if let Some(p) = self.probes.iter_mut().find(|p| p.channel == channel) {
+                    p.sent = None;
+                    return;
+                }
                 if channel == self.control {
                     self.delivery.on_control(payload);
                 } else {
                     self.delivery.on_message(&channel, payload);
+                }
+            }
+            PushKind::SUnsubscribe
+                if push
+                    .data
+                    .first()
+                    .and_then(bulk_str)
+                    .is_some_and(|c| self.probes.iter().any(|p| p.channel == c)) =>
+            {
+                // A probe channel's slot moved: the next probe round finds its new owner.
+                self.last_probe = None;
+                for p in &mut self.probes {
+                    p.subscribed = false;
+                    p.sent = None;
                 }
             }
             PushKind::SUnsubscribe => {
@@ -242,6 +384,31 @@ impl Task {
                 self.connected.store(false, Ordering::Relaxed);
             }
             _ => {}
+        }
+    }
+}
+
+/// A short hash tag whose key slot is `slot` (found by trying; ~16,000 tries at worst).
+fn tag_for_slot(slot: u16) -> Option<String> {
+    let target = redis::cluster_routing::Slot::new(slot)?;
+    (0..200_000u32)
+        .map(|i| format!("p{i}"))
+        .find(|tag| redis::cluster_routing::Slot::for_key(tag.as_bytes()) == target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_tag_for_any_slot() {
+        for slot in [0u16, 1, 5461, 10923, 16383] {
+            let tag = tag_for_slot(slot).expect("a tag");
+            let key = format!("{{{tag}}}gw:probe:n1");
+            assert_eq!(
+                redis::cluster_routing::Slot::for_key(key.as_bytes()),
+                redis::cluster_routing::Slot::new(slot).unwrap()
+            );
         }
     }
 }

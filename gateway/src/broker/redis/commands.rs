@@ -4,6 +4,7 @@
 //! Every call is bounded by the command timeout, so a frozen Redis costs a client one
 //! timeout, then 108 at once until Redis answers again.
 
+use super::endpoint::Endpoint;
 use crate::{backoff::Backoff, broker::BrokerError};
 use redis::{
     AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value,
@@ -57,14 +58,16 @@ impl ConnectionLike for Conn {
 
 /// How to (re)connect.
 pub enum Connector {
-    Single(redis::Client, AsyncConnectionConfig),
-    Cluster(ClusterClient),
+    Single(Arc<Endpoint>, AsyncConnectionConfig),
+    Cluster(Box<ClusterClient>),
 }
 
 impl Connector {
     async fn connect(&self) -> RedisResult<Conn> {
         match self {
-            Self::Single(client, config) => client
+            Self::Single(endpoint, config) => endpoint
+                .client()
+                .await?
                 .get_multiplexed_async_connection_with_config(config)
                 .await
                 .map(Conn::Single),
@@ -108,12 +111,12 @@ pub fn is_connection_error(e: &RedisError) -> bool {
 }
 
 impl Commands {
-    pub fn new(client: redis::Client, timeout: Duration) -> Self {
+    pub fn new(endpoint: Arc<Endpoint>, timeout: Duration) -> Self {
         // redis-rs's default response timeout (500 ms) is replaced by ours on purpose.
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout));
-        Self::with_connector(Connector::Single(client, config), timeout)
+        Self::with_connector(Connector::Single(endpoint, config), timeout)
     }
 
     pub fn with_connector(connector: Connector, timeout: Duration) -> Self {

@@ -56,6 +56,11 @@ impl Keys {
         format!("{}control", self.prefix)
     }
 
+    /// A server's layout record (see `layout.rs`).
+    pub fn layout(&self) -> String {
+        format!("{}layout", self.prefix)
+    }
+
     /// The node registry hash.
     pub fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)

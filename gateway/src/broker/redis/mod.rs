@@ -6,7 +6,9 @@
 //! - Live fan-out comes through K pub/sub connections per server ([`pubsub`]) or the
 //!   Cluster's sharded pub/sub ([`cluster`]), one Redis subscription per channel per
 //!   node, into [`delivery`], which keeps each channel gapless and in order.
-//! - Several URLs shard channels over independent Redis servers ([`sharding`]).
+//! - Several URLs shard channels over independent Redis servers ([`sharding`], named by
+//!   normalised address, reached directly or through Sentinel: [`endpoint`]); the set of
+//!   servers is the layout, and changing it restarts every channel's epoch ([`layout`]).
 //! - Presence ([`presence`]), the node registry ([`registry`]) and control messages
 //!   ([`control`]) each have their own file; replies are parsed in [`reply`].
 
@@ -14,7 +16,9 @@ mod cluster;
 mod commands;
 mod control;
 mod delivery;
+mod endpoint;
 mod keys;
+mod layout;
 mod presence;
 mod pubsub;
 mod registry;
@@ -29,17 +33,19 @@ use super::{
 use crate::{
     channel::ChannelName,
     clock::Clock,
-    config::{NamespaceOptions, RedisConfig},
+    config::{NamespaceOptions, Namespaces, RedisConfig},
     hub::Hub,
 };
 use async_trait::async_trait;
 use broker_proto::v1::{ClientInfo, Publication, ServerFrame, server_frame::Body};
 use commands::{Commands, Connector};
 use delivery::{BoxFuture, Streams};
+use endpoint::Endpoint;
 use keys::Keys;
 use prost::Message;
 use pubsub::{PubSub, PubSubConfig};
 use redis::Value;
+use sharding::Shard;
 use std::{
     collections::HashMap,
     sync::{
@@ -59,13 +65,21 @@ const PRESENCE_REFRESHES_PER_TTL: u64 = 3;
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
 struct Server {
+    /// Normalised name (see `sharding.rs`); empty on Redis Cluster.
+    name: String,
     commands: Arc<Commands>,
     pubsub: Vec<PubSub>,
+    /// The server's layout token (see `layout.rs`), once settled; unused on Cluster.
+    layout_token: Mutex<Option<String>>,
 }
 
 impl Server {
     fn connected(&self) -> bool {
         self.commands.healthy() && self.pubsub.iter().all(PubSub::connected)
+    }
+
+    fn layout_token(&self) -> MutexGuard<'_, Option<String>> {
+        self.layout_token.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -74,13 +88,23 @@ struct Scripts {
     history: redis::Script,
     rotate: redis::Script,
     presence: redis::Script,
+    presence_expire: redis::Script,
+    layout_read: redis::Script,
+    layout_claim: redis::Script,
 }
 
 pub struct RedisBroker {
     config: RedisConfig,
     keys: Keys,
     clock: Clock,
+    namespaces: Namespaces,
     servers: Vec<Server>,
+    /// The servers' names, in configuration order (rendezvous hashing picks among them).
+    names: Vec<String>,
+    /// This node's layout fingerprint; "" on Redis Cluster.
+    layout: String,
+    /// The last foreign layout seen (to warn once per change).
+    layout_seen_mismatch: Mutex<Option<String>>,
     /// Redis Cluster: one logical server, SPUBLISH instead of PUBLISH.
     cluster: bool,
     scripts: Scripts,
@@ -96,11 +120,8 @@ fn flag(b: bool) -> &'static str {
 /// Why the Redis broker could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("redis url {url:?}: {source}")]
-    Url {
-        url: String,
-        source: redis::RedisError,
-    },
+    #[error(transparent)]
+    Url(#[from] sharding::UrlError),
 }
 
 /// The clients the broker connects with, made before anything starts.
@@ -109,22 +130,19 @@ enum Clients {
         Box<redis::cluster::ClusterClient>,
         tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
     ),
-    Single(Vec<redis::Client>),
+    Single(Vec<(String, Arc<Endpoint>)>),
 }
 
 impl Clients {
     fn new(config: &RedisConfig) -> Result<Self, SetupError> {
-        let bad = |url: &str| {
-            let url = url.to_owned();
-            move |source| SetupError::Url { url, source }
-        };
         if !config.urls.iter().any(|u| u.starts_with(CLUSTER_SCHEME)) {
-            let clients = config
-                .urls
-                .iter()
-                .map(|url| redis::Client::open(url.as_str()).map_err(bad(url)))
-                .collect::<Result<_, _>>()?;
-            return Ok(Self::Single(clients));
+            let mut servers = Vec::new();
+            for url in &config.urls {
+                let shard = Shard::parse(url)?;
+                let endpoint = Arc::new(Endpoint::open(&shard)?);
+                servers.push((shard.name, endpoint));
+            }
+            return Ok(Self::Single(servers));
         }
         let seeds: Vec<String> = config
             .urls
@@ -138,7 +156,10 @@ impl Clients {
             .connection_timeout(config.command_timeout)
             .response_timeout(config.command_timeout)
             .build()
-            .map_err(bad(&config.urls.join(",")))?;
+            .map_err(|e| sharding::UrlError {
+                url: config.urls.join(","),
+                why: e.to_string(),
+            })?;
         Ok(Self::Cluster(Box::new(client), pushes))
     }
 }
@@ -148,6 +169,7 @@ impl RedisBroker {
         config: RedisConfig,
         node_id: &str,
         hub: Arc<Hub>,
+        namespaces: Namespaces,
         clock: Clock,
     ) -> Result<Arc<Self>, SetupError> {
         let keys = Keys::new(&config.prefix);
@@ -160,10 +182,10 @@ impl RedisBroker {
         let cluster = matches!(clients, Clients::Cluster(..));
         let broker = Arc::new_cyclic(|me: &Weak<Self>| {
             let streams: Arc<dyn Streams> = Arc::new(StreamAccess(me.clone()));
-            let servers = match clients {
+            let servers: Vec<Server> = match clients {
                 Clients::Cluster(client, pushes) => {
                     let commands = Arc::new(Commands::with_connector(
-                        Connector::Cluster(*client),
+                        Connector::Cluster(client),
                         config.command_timeout,
                     ));
                     let sub = cluster::spawn(cluster::Setup {
@@ -173,42 +195,76 @@ impl RedisBroker {
                         keys: keys.clone(),
                         streams,
                         control: keys.control(),
+                        node_id: node_id.to_owned(),
+                        prefix: keys.prefix().to_owned(),
                         config: pubsub_config,
                         clock: clock.clone(),
                     });
                     vec![Server {
+                        name: String::new(),
                         commands,
                         pubsub: vec![sub],
+                        layout_token: Mutex::default(),
                     }]
                 }
-                Clients::Single(clients) => clients
+                Clients::Single(endpoints) => endpoints
                     .into_iter()
                     .enumerate()
-                    .map(|(i, client)| {
-                        Self::single_server(
-                            client,
-                            i,
-                            &config,
-                            node_id,
-                            &keys,
-                            &hub,
-                            &streams,
-                            &pubsub_config,
-                            &clock,
-                        )
+                    .map(|(i, (name, endpoint))| {
+                        let commands =
+                            Arc::new(Commands::new(endpoint.clone(), config.command_timeout));
+                        let pubsub = (0..config.pubsub_connections)
+                            .map(|k| {
+                                pubsub::spawn(pubsub::Setup {
+                                    endpoint: endpoint.clone(),
+                                    commands: commands.clone(),
+                                    hub: hub.clone(),
+                                    keys: keys.clone(),
+                                    streams: streams.clone(),
+                                    probe_channel: format!(
+                                        "{}probe:{node_id}:{i}:{k}",
+                                        keys.prefix()
+                                    ),
+                                    // Control messages are heard once per server, on its
+                                    // first connection.
+                                    control_channel: (k == 0).then(|| keys.control()),
+                                    config: pubsub_config.clone(),
+                                    clock: clock.clone(),
+                                })
+                            })
+                            .collect();
+                        Server {
+                            name,
+                            commands,
+                            pubsub,
+                            layout_token: Mutex::default(),
+                        }
                     })
                     .collect(),
+            };
+            let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
+            let layout = if cluster {
+                String::new()
+            } else {
+                sharding::fingerprint(&names)
             };
             Self {
                 keys,
                 clock,
+                namespaces,
                 servers,
+                names,
+                layout,
+                layout_seen_mismatch: Mutex::default(),
                 cluster,
                 scripts: Scripts {
                     publish: redis::Script::new(&scripts::publish()),
                     history: redis::Script::new(&scripts::history()),
                     rotate: redis::Script::new(scripts::ROTATE),
                     presence: redis::Script::new(scripts::PRESENCE),
+                    presence_expire: redis::Script::new(scripts::PRESENCE_EXPIRE),
+                    layout_read: redis::Script::new(layout::READ),
+                    layout_claim: redis::Script::new(layout::CLAIM),
                 },
                 local_presence: Mutex::default(),
                 upkeep_rounds: AtomicU64::new(0),
@@ -219,41 +275,9 @@ impl RedisBroker {
         Ok(broker)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn single_server(
-        client: redis::Client,
-        index: usize,
-        config: &RedisConfig,
-        node_id: &str,
-        keys: &Keys,
-        hub: &Arc<Hub>,
-        streams: &Arc<dyn Streams>,
-        pubsub_config: &PubSubConfig,
-        clock: &Clock,
-    ) -> Server {
-        let commands = Arc::new(Commands::new(client.clone(), config.command_timeout));
-        let pubsub = (0..config.pubsub_connections)
-            .map(|k| {
-                pubsub::spawn(pubsub::Setup {
-                    client: client.clone(),
-                    commands: commands.clone(),
-                    hub: hub.clone(),
-                    keys: keys.clone(),
-                    streams: streams.clone(),
-                    probe_channel: format!("{}probe:{node_id}:{index}:{k}", keys.prefix()),
-                    // Control messages are heard once per server, on its first connection.
-                    control_channel: (k == 0).then(|| keys.control()),
-                    config: pubsub_config.clone(),
-                    clock: clock.clone(),
-                })
-            })
-            .collect();
-        Server { commands, pubsub }
-    }
-
-    /// Connects to every server now: readiness needs each command connection to have
-    /// answered once, and a bad URL or a down server shows up at startup.
-    fn connect_all(&self) {
+    /// Connects to every server now (readiness needs each command connection to have
+    /// answered once, and a down server shows up at startup), then settles the layout.
+    fn connect_all(self: &Arc<Self>) {
         for server in &self.servers {
             let commands = server.commands.clone();
             tokio::spawn(async move {
@@ -265,13 +289,62 @@ impl RedisBroker {
                 }
             });
         }
+        if self.cluster {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut backoff = crate::backoff::Backoff::new(
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(2),
+            );
+            loop {
+                let Some(broker) = me.upgrade() else { return };
+                match broker.settle_layout().await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(error = %e, "settling the redis layout; retrying"),
+                }
+                drop(broker);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        });
     }
 
     fn server(&self, channel: &str) -> &Server {
         if self.cluster {
             return &self.servers[0];
         }
-        &self.servers[sharding::pick_server(&self.config.urls, channel)]
+        &self.servers[sharding::pick_server(&self.names, channel)]
+    }
+
+    /// The layout token the scripts check a channel's epoch against ("" on Cluster);
+    /// unavailable until the node settled its layout at startup.
+    fn layout_arg(&self, server: &Server) -> Result<String, BrokerError> {
+        if self.cluster {
+            return Ok(String::new());
+        }
+        server
+            .layout_token()
+            .clone()
+            .ok_or_else(|| BrokerError::Unavailable("redis layout not settled yet".into()))
+    }
+
+    /// Another node's layout differs from this one's: warn once per change, and count.
+    fn layout_mismatch(&self, theirs: &str) {
+        let mut seen = self
+            .layout_seen_mismatch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if seen.as_deref() != Some(theirs) {
+            tracing::warn!(
+                mine = %self.layout,
+                theirs,
+                servers = ?self.names,
+                "nodes disagree on the redis server list: channels may live on different servers for different nodes"
+            );
+            *seen = Some(theirs.to_owned());
+        }
+        crate::metrics::layout_mismatch(true);
     }
 
     fn pubsub(&self, channel: &str) -> &PubSub {
@@ -299,8 +372,9 @@ impl RedisBroker {
         let c = channel.as_str();
         let (stream, meta) = (self.keys.stream(c), self.keys.meta(c));
         let script = &self.scripts.history;
-        let response: Vec<Value> = self
-            .server(c)
+        let server = self.server(c);
+        let layout = self.layout_arg(server)?;
+        let response: Vec<Value> = server
             .commands
             .run_as(|mut conn, instance| async move {
                 script
@@ -313,6 +387,7 @@ impl RedisBroker {
                     .arg(flag(instance.durable))
                     .arg(&instance.run_id)
                     .arg(flag(instance.promoted))
+                    .arg(layout)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -453,8 +528,9 @@ impl Broker for RedisBroker {
         let (stream, meta, pubsub) = (self.keys.stream(c), self.keys.meta(c), self.keys.pubsub(c));
         let script = &self.scripts.publish;
         let command = self.publish_command().to_ascii_lowercase();
-        let response: Vec<Value> = self
-            .server(c)
+        let server = self.server(c);
+        let layout = self.layout_arg(server)?;
+        let response: Vec<Value> = server
             .commands
             .run_as(|mut conn, instance| async move {
                 script
@@ -473,6 +549,7 @@ impl Broker for RedisBroker {
                     .arg(flag(instance.durable))
                     .arg(&instance.run_id)
                     .arg(flag(instance.promoted))
+                    .arg(layout)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -557,6 +634,9 @@ impl Broker for RedisBroker {
 
     async fn upkeep(&self, this: &NodeInfo) {
         let _ = self.heartbeat(this).await;
+        if !self.cluster {
+            self.layout_upkeep().await;
+        }
         let round = self.upkeep_rounds.fetch_add(1, Ordering::Relaxed) + 1;
         let per_refresh = (self.config.presence_ttl.as_secs()
             / super::UPKEEP_PERIOD.as_secs().max(1)
@@ -564,10 +644,13 @@ impl Broker for RedisBroker {
             .max(1);
         if round.is_multiple_of(per_refresh) {
             self.refresh_presence().await;
+            self.expire_presence().await;
         }
     }
 
     fn ready(&self) -> bool {
-        self.servers.iter().all(Server::connected)
+        self.servers
+            .iter()
+            .all(|s| s.connected() && (self.cluster || s.layout_token().is_some()))
     }
 }

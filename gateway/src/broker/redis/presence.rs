@@ -2,8 +2,14 @@
 //! client → user. Each node refreshes the entries of its own clients before they expire,
 //! so a crashed node's entries expire on their own.
 //!
-//! A client's entry is remembered locally (for refreshing) only once its Join is
-//! complete, stored and announced; so a failed Join leaves nothing behind to refresh.
+//! Presence heals:
+//! - a client's entry is remembered locally (for refreshing) only once its Join is
+//!   complete, stored and announced, so a failed Join leaves nothing behind to refresh;
+//! - a Leave is announced even when removing the entry failed (it then expires);
+//! - entries whose node stopped refreshing them (it crashed) expire, and the node that
+//!   removes them announces their Leave, so subscribers elsewhere see it;
+//! - a refresh pass sends one pipeline per channel, all in flight together on the
+//!   multiplexed connection, so it stays within its interval with 100,000 entries.
 
 use super::{RedisBroker, reply};
 use crate::{
@@ -11,45 +17,45 @@ use crate::{
     channel::ChannelName,
 };
 use broker_proto::v1::ClientInfo;
+use futures_util::StreamExt;
 use redis::Value;
 
+/// Channels refreshed or swept at once (each a pipeline in flight).
+const PRESENCE_CONCURRENCY: usize = 256;
+/// Expired members removed per channel per sweep.
+const EXPIRE_BATCH: usize = 1000;
+
 impl RedisBroker {
+    /// Adds (or refreshes) members of one channel, all in one pipeline.
     async fn presence_add(
         &self,
         channel: &ChannelName,
-        client: &str,
-        user: &str,
+        members: &[(String, String)],
     ) -> Result<(), BrokerError> {
+        if members.is_empty() {
+            return Ok(());
+        }
         let c = channel.as_str();
         let (zset, users) = (self.keys.presence(c), self.keys.presence_users(c));
         let ttl = self.config.presence_ttl;
         let expires = self.clock.unix_ms() + ttl.as_millis() as i64;
-        let (client, user) = (client.to_owned(), user.to_owned());
+        let keep = ttl.as_millis() as u64 * 2;
+        let mut pipe = redis::pipe();
+        let zadd = pipe.cmd("ZADD").arg(&zset);
+        for (client, _) in members {
+            zadd.arg(expires).arg(client);
+        }
+        zadd.ignore();
+        let hset = pipe.cmd("HSET").arg(&users);
+        for (client, user) in members {
+            hset.arg(client).arg(user);
+        }
+        hset.ignore();
+        pipe.cmd("PEXPIRE").arg(&zset).arg(keep).ignore();
+        pipe.cmd("PEXPIRE").arg(&users).arg(keep).ignore();
         self.server(c)
             .commands
-            .run(|mut conn| async move {
-                redis::pipe()
-                    .cmd("ZADD")
-                    .arg(&zset)
-                    .arg(expires)
-                    .arg(&client)
-                    .ignore()
-                    .cmd("HSET")
-                    .arg(&users)
-                    .arg(&client)
-                    .arg(&user)
-                    .ignore()
-                    .cmd("PEXPIRE")
-                    .arg(&zset)
-                    .arg(ttl.as_millis() as u64 * 2)
-                    .ignore()
-                    .cmd("PEXPIRE")
-                    .arg(&users)
-                    .arg(ttl.as_millis() as u64 * 2)
-                    .ignore()
-                    .query_async::<()>(&mut conn)
-                    .await
-            })
+            .run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await
     }
 
@@ -109,8 +115,8 @@ impl RedisBroker {
     ) -> Result<(), BrokerError> {
         match change {
             PresenceChange::Join => {
-                self.presence_add(channel, &client.client, &client.user)
-                    .await?;
+                let member = [(client.client.clone(), client.user.clone())];
+                self.presence_add(channel, &member).await?;
                 if announce {
                     let body = presence::announcement(channel, client.clone(), change);
                     if let Err(e) = self.announce(channel, body).await {
@@ -165,20 +171,80 @@ impl RedisBroker {
     }
 
     /// Re-adds this node's presence entries so they outlive their TTL while the clients
-    /// stay; entries of a dead node expire on their own.
+    /// stay, one pipeline per channel, many in flight at once.
     pub(super) async fn refresh_presence(&self) {
-        let entries: Vec<(ChannelName, String, String)> = self
+        let channels: Vec<(ChannelName, Vec<(String, String)>)> = self
             .local_presence()
             .iter()
-            .flat_map(|(ch, m)| {
-                m.iter()
-                    .map(move |(client, user)| (ch.clone(), client.clone(), user.clone()))
+            .map(|(ch, m)| {
+                (
+                    ch.clone(),
+                    m.iter().map(|(c, u)| (c.clone(), u.clone())).collect(),
+                )
             })
             .collect();
-        for (channel, client, user) in entries {
-            if self.presence_add(&channel, &client, &user).await.is_err() {
+        let refreshes = channels
+            .into_iter()
+            .map(|(channel, members)| async move { self.presence_add(&channel, &members).await });
+        let failed = futures_util::stream::iter(refreshes)
+            .buffer_unordered(PRESENCE_CONCURRENCY)
+            .filter(|r| std::future::ready(r.is_err()))
+            .count()
+            .await;
+        if failed > 0 {
+            tracing::warn!(
+                channels = failed,
+                "presence refresh failed for some channels"
+            );
+        }
+    }
+
+    /// Removes the expired members of the channels this node has presence in (their node
+    /// crashed) and announces their Leave where the namespace pushes Join/Leave.
+    pub(super) async fn expire_presence(&self) {
+        let channels: Vec<ChannelName> = self.local_presence().keys().cloned().collect();
+        let sweeps = channels.into_iter().map(|channel| async move {
+            let gone = self.take_expired(&channel).await.unwrap_or_default();
+            if gone.is_empty() || !self.namespaces.options(&channel).join_leave {
                 return;
             }
-        }
+            for client in gone {
+                let body = presence::announcement(&channel, client, PresenceChange::Leave);
+                if let Err(e) = self.announce(&channel, body).await {
+                    tracing::warn!(%channel, error = %e, "announcing an expired member's leave failed");
+                }
+            }
+        });
+        futures_util::stream::iter(sweeps)
+            .buffer_unordered(PRESENCE_CONCURRENCY)
+            .for_each(|()| std::future::ready(()))
+            .await;
+    }
+
+    async fn take_expired(&self, channel: &ChannelName) -> Result<Vec<ClientInfo>, BrokerError> {
+        let c = channel.as_str();
+        let (zset, users) = (self.keys.presence(c), self.keys.presence_users(c));
+        let script = &self.scripts.presence_expire;
+        let now = self.clock.unix_ms();
+        let response: Vec<Value> = self
+            .server(c)
+            .commands
+            .run(|mut conn| async move {
+                script
+                    .key(zset)
+                    .key(users)
+                    .arg(now)
+                    .arg(EXPIRE_BATCH)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(response
+            .chunks(2)
+            .map(|pair| ClientInfo {
+                client: reply::text(&pair[0]),
+                user: pair.get(1).map(reply::text).unwrap_or_default(),
+            })
+            .collect())
     }
 }

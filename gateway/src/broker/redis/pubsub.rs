@@ -11,6 +11,7 @@ use super::{
     Keys,
     commands::Commands,
     delivery::{Delivery, Done, Reply, Streams, request_subscribe},
+    endpoint::Endpoint,
 };
 use crate::{
     backoff::Backoff,
@@ -82,7 +83,7 @@ impl PubSub {
 
 /// What one single-server pub/sub task needs.
 pub struct Setup {
-    pub client: redis::Client,
+    pub endpoint: Arc<Endpoint>,
     pub commands: Arc<Commands>,
     pub hub: Arc<Hub>,
     pub keys: Keys,
@@ -106,7 +107,7 @@ pub fn spawn(setup: Setup) -> PubSub {
         setup.clock,
     );
     let task = Task {
-        client: setup.client,
+        endpoint: setup.endpoint,
         commands: setup.commands,
         delivery,
         done,
@@ -121,7 +122,7 @@ pub fn spawn(setup: Setup) -> PubSub {
 }
 
 struct Task {
-    client: redis::Client,
+    endpoint: Arc<Endpoint>,
     commands: Arc<Commands>,
     delivery: Delivery,
     done: mpsc::UnboundedReceiver<Done>,
@@ -180,7 +181,8 @@ impl Task {
 
     async fn connect_and_serve(&mut self, backoff: &mut Backoff) -> Ended {
         let timeout = self.config.timeout;
-        let pubsub = match tokio::time::timeout(timeout, self.client.get_async_pubsub()).await {
+        let connect = async { self.endpoint.client().await?.get_async_pubsub().await };
+        let pubsub = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => return Ended::Lost(e.to_string()),
             Err(_) => return Ended::Lost("connect timed out".into()),

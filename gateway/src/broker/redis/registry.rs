@@ -9,13 +9,21 @@ use std::collections::HashMap;
 const NODE_TTL_MS: i64 = 15_000;
 
 impl RedisBroker {
-    /// The registry lives on the first server (or anywhere in a Cluster).
+    /// The registry lives on the server with the smallest name, so every node of a layout
+    /// (whatever the order of its URLs) uses the same one; anywhere in a Cluster.
     fn registry(&self) -> &Server {
-        &self.servers[0]
+        &self.servers[super::sharding::registry(&self.names)]
     }
 
+    /// Writes this node's entry, with its layout fingerprint, and compares the layouts
+    /// of the live nodes.
     pub(super) async fn heartbeat(&self, info: &NodeInfo) -> Result<(), BrokerError> {
-        let json = serde_json::to_string(info).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let info = NodeInfo {
+            layout: self.layout.clone(),
+            ..info.clone()
+        };
+        let json =
+            serde_json::to_string(&info).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let (key, node) = (self.keys.nodes(), info.node.clone());
         self.registry()
             .commands
@@ -61,6 +69,10 @@ impl RedisBroker {
                 .await;
         }
         live.sort_by(|a, b| a.node.cmp(&b.node));
+        match live.iter().find(|n| n.layout != self.layout) {
+            Some(other) => self.layout_mismatch(&other.layout),
+            None => crate::metrics::layout_mismatch(false),
+        }
         Ok(live)
     }
 }

@@ -13,8 +13,9 @@
 //! `(epoch, offset)` pair never names two different publications.
 
 /// Settles the channel's epoch; defines
-/// `stream_epoch(stream, meta, candidate, durable, run_id, promoted)` returning the epoch
-/// to use. The node passes who answers on its connection (read when it connected); an
+/// `stream_epoch(stream, meta, candidate, durable, run_id, promoted, layout)` returning
+/// the epoch to use. A `layout` token other than the one stored (see `layout.rs`) means
+/// the server list changed since the epoch was vouched for: the epoch rotates. The node passes who answers on its connection (read when it connected); an
 /// empty `run_id` (Redis Cluster) makes the script read it with `INFO`, which costs
 /// several microseconds per call. A missing meta starts a new stream (whatever stream is
 /// left belongs to a forgotten epoch); a changed instance rotates the epoch as above but
@@ -30,12 +31,16 @@ local function instance(run_id, promoted)
   local replid2 = string.match(replication, 'master_replid2:(%x+)') or ''
   return id, string.find(replid2, '[^0]') ~= nil
 end
-local function stream_epoch(stream, meta, candidate, durable, node_run_id, node_promoted)
-  local m = redis.call('hmget', meta, 'e', 'r', 'd')
+local function stream_epoch(stream, meta, candidate, durable, node_run_id, node_promoted, layout)
+  local m = redis.call('hmget', meta, 'e', 'r', 'd', 'l')
   local run_id, promoted = instance(node_run_id, node_promoted)
   if not m[1] then
     redis.call('del', stream)
-    redis.call('hset', meta, 'e', candidate, 'o', 0, 'r', run_id, 'd', durable)
+    redis.call('hset', meta, 'e', candidate, 'o', 0, 'r', run_id, 'd', durable, 'l', layout)
+    return candidate
+  end
+  if layout ~= '' and m[4] ~= layout then
+    redis.call('hset', meta, 'e', candidate, 'r', run_id, 'd', durable, 'l', layout)
     return candidate
   end
   if m[2] == run_id then
@@ -56,7 +61,7 @@ end
 /// KEYS: stream, meta, idempotency key. ARGV: payload, history size, history TTL (s),
 /// candidate epoch, pub/sub channel, idempotency TTL (s), has key ("1"/"0"), meta TTL (s),
 /// publish command (`publish`, or `spublish` on Redis Cluster), then the instance:
-/// durable ("1"/"0"), run_id (or ""), promoted ("1"/"0").
+/// durable ("1"/"0"), run_id (or ""), promoted ("1"/"0"), layout token (or "").
 /// Returns {offset, epoch, duplicate}. The pub/sub message is "<offset> <epoch> <payload>".
 pub fn publish() -> String {
     format!(
@@ -71,7 +76,7 @@ if ARGV[7] == '1' then
 end
 local offset, epoch = 0, ''
 if tonumber(ARGV[2]) > 0 then
-  epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[10], ARGV[11], ARGV[12])
+  epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[10], ARGV[11], ARGV[12], ARGV[13])
   offset = redis.call('hincrby', KEYS[2], 'o', 1)
   redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
   redis.call('expire', KEYS[1], ARGV[3])
@@ -87,13 +92,13 @@ return {offset, epoch, 0}
 }
 
 /// KEYS: stream, meta. ARGV: since offset, count (0: position only), candidate epoch,
-/// meta TTL (s), then the instance: durable, run_id, promoted. Returns {offset, epoch, id1, data1, id2, data2, …},
+/// meta TTL (s), then the instance: durable, run_id, promoted, layout token. Returns {offset, epoch, id1, data1, id2, data2, …},
 /// read atomically so the offset is never behind the entries returned.
 pub fn history() -> String {
     format!(
         "{STREAM_EPOCH}{}",
         r#"
-local epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7])
+local epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 redis.call('expire', KEYS[2], ARGV[4])
 local offset = tonumber(redis.call('hget', KEYS[2], 'o') or '0')
 local out = {offset, epoch}
@@ -121,15 +126,33 @@ end
 return {tonumber(redis.call('hget', KEYS[1], 'o') or '0'), epoch or ''}
 "#;
 
-/// KEYS: presence zset, presence hash. ARGV: now (ms). Drops expired members and returns
-/// {client1, user1, client2, user2, …}.
+/// KEYS: presence zset, presence hash. ARGV: now (ms). Returns the members that have not
+/// expired, {client1, user1, client2, user2, …}. Expired ones are left for
+/// `PRESENCE_EXPIRE`, which announces their Leave.
 pub const PRESENCE: &str = r#"
-redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
-local clients = redis.call('zrange', KEYS[1], 0, -1)
+local clients = redis.call('zrangebyscore', KEYS[1], ARGV[1], '+inf')
 local out = {}
 if #clients > 0 then
   local users = redis.call('hmget', KEYS[2], unpack(clients))
   for i, c in ipairs(clients) do
+    out[#out + 1] = c
+    out[#out + 1] = users[i] or ''
+  end
+end
+return out
+"#;
+
+/// KEYS: presence zset, presence hash. ARGV: now (ms), at most how many. Removes expired
+/// members (whose node stopped refreshing them: it crashed) and returns them,
+/// {client1, user1, …}, so exactly one node announces each one's Leave.
+pub const PRESENCE_EXPIRE: &str = r#"
+local gone = redis.call('zrangebyscore', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+if #gone > 0 then
+  local users = redis.call('hmget', KEYS[2], unpack(gone))
+  redis.call('zrem', KEYS[1], unpack(gone))
+  redis.call('hdel', KEYS[2], unpack(gone))
+  for i, c in ipairs(gone) do
     out[#out + 1] = c
     out[#out + 1] = users[i] or ''
   end
