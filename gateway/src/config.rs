@@ -462,15 +462,25 @@ impl Config {
         Ok(())
     }
 
-    /// The Redis servers channels are sharded over; empty for the embedded broker.
+    /// The Redis servers channels are sharded over; empty for the embedded broker. URLs
+    /// are comma-separated; a piece without a scheme continues the previous URL, so a
+    /// Sentinel URL can list its sentinels (`redis+sentinel://h1:26379,h2:26379/name`).
     pub fn redis_urls(&self) -> Vec<String> {
-        self.redis_url
-            .iter()
-            .flat_map(|u| u.split(','))
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect()
+        let mut urls: Vec<String> = Vec::new();
+        for piece in self.redis_url.iter().flat_map(|u| u.split(',')) {
+            let piece = piece.trim();
+            if piece.is_empty() {
+                continue;
+            }
+            match urls.last_mut() {
+                Some(last) if !piece.contains("://") => {
+                    last.push(',');
+                    last.push_str(piece);
+                }
+                _ => urls.push(piece.to_owned()),
+            }
+        }
+        urls
     }
 
     /// The Redis broker's settings, or `None` for the embedded broker.
@@ -535,6 +545,22 @@ mod tests {
         assert_eq!(
             c.namespaces.get("default"),
             Some(&NamespaceOptions::default())
+        );
+    }
+
+    #[test]
+    fn redis_urls_split_on_commas_except_inside_a_sentinel_url() {
+        let c = Config {
+            redis_url: Some("redis://a:1, redis+sentinel://s1:26379,s2:26379/m,redis://b:2".into()),
+            ..Config::default()
+        };
+        assert_eq!(
+            c.redis_urls(),
+            vec![
+                "redis://a:1",
+                "redis+sentinel://s1:26379,s2:26379/m",
+                "redis://b:2"
+            ]
         );
     }
 

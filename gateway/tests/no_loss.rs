@@ -169,6 +169,45 @@ async fn a_redis_rollback_to_an_older_snapshot_rotates_the_epoch() {
     }
 }
 
+/// Found by the adversarial review of the fix above: a durable Redis (AOF, fsync always)
+/// restarted without AOF loads an older RDB snapshot; the epoch was kept because the
+/// previous instance was durable. The current instance must be durable too.
+#[tokio::test]
+async fn a_durable_redis_restarted_from_an_older_snapshot_rotates_the_epoch() {
+    let mut redis = Redis::start(true);
+    let nodes = nodes(&redis.url(), 1, FAST);
+    let mut c = nodes[0].client(Encoding::Proto).await;
+    let Body::Subscribe(s) = ok(c.call(subscribe("dur")).await) else {
+        panic!()
+    };
+    for i in 1..=3 {
+        api_publish(&nodes[0], "dur", &format!("old{i}"));
+    }
+    assert_eq!(redis.cli(&["SAVE"]).as_deref(), Some("+OK"));
+    for i in 4..=6 {
+        api_publish(&nodes[0], "dur", &format!("old{i}"));
+    }
+    assert_eq!(pushes_until(&mut c, 6).await.len(), 6);
+    // Nobody on the node tracks the channel any more (a tracker would notice the stream
+    // going back, a second net): the scripts alone must rotate the epoch.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.set_persistent(false);
+    redis.restart();
+    nodes[0].wait_ready(TIMEOUT);
+    let (offset, epoch) = api_publish(&nodes[0], "dur", "new4");
+    assert_eq!(offset, 4, "the snapshot had offset 3");
+    assert_ne!(
+        epoch, s.epoch,
+        "offset 4 is another publication now: a new epoch"
+    );
+    let mut late = nodes[0].client(Encoding::Proto).await;
+    let Body::Subscribe(r) = ok(late.call(recover("dur", 4, &s.epoch)).await) else {
+        panic!()
+    };
+    assert!(!r.recovered && r.publications.is_empty());
+}
+
 /// Defect 2: a channel in its unsubscribe grace period kept its delivery state through a
 /// pub/sub reconnect; once its stream was lost, the next subscriber got the whole new
 /// stream replayed instead of only what came after its subscribe.
@@ -398,4 +437,70 @@ async fn replies_only_for_ids_and_no_stale_push_after_resubscribing() {
         Body::Publication(p) => assert_eq!(&p.data[..], b"after"),
         other => panic!("{other:?}"),
     }
+}
+
+/// Found by the adversarial review: on a healthy Redis, pub/sub connection kills under
+/// load made a node mistake a stale read for a rollback, rotate epochs and replay whole
+/// streams. Nothing was lost in Redis, so no epoch may change and nothing may repeat.
+#[tokio::test]
+async fn pubsub_kills_under_load_never_rotate_a_healthy_epoch() {
+    let redis = Redis::start(false);
+    let config = format!(
+        "{FAST}pubsub_connections = 1\n[limits]\ncommands_per_second = 1000000\ncommand_burst = 1000000\nmax_channels_per_connection = 256\n"
+    );
+    let nodes = nodes(&redis.url(), 1, &config);
+    let channels: Vec<String> = (0..200).map(|i| format!("c{i}")).collect();
+    let mut sub = nodes[0].client(Encoding::Proto).await;
+    for ch in &channels {
+        ok(sub.call(subscribe(ch)).await);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for p in 0..8usize {
+        let (mut c, stop, channels) = (
+            nodes[0].client(Encoding::Proto).await,
+            stop.clone(),
+            channels.clone(),
+        );
+        publishers.push(tokio::spawn(async move {
+            let mut acked = 0usize;
+            let mut i = p;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i = (i * 7 + 13) % channels.len();
+                let reply = c.call(publish(&channels[i], format!("p{p}-{acked}"))).await;
+                match error_code(&reply) {
+                    None => acked += 1,
+                    Some(108) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Some(other) => panic!("publish failed with {other}"),
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..5 {
+        redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for p in publishers {
+        total += p.await.unwrap();
+    }
+    let got = pushes_until(&mut sub, total).await;
+    let resets = got.iter().filter(|b| matches!(b, Body::Reset(_))).count();
+    let mut per_channel: HashMap<String, Vec<u64>> = HashMap::new();
+    for p in publications(&got) {
+        per_channel
+            .entry(p.channel.clone())
+            .or_default()
+            .push(p.offset);
+    }
+    for (ch, offsets) in &per_channel {
+        let expected: Vec<u64> = (1..=offsets.len() as u64).collect();
+        assert_eq!(offsets, &expected, "{ch}: each offset once, in order");
+    }
+    assert_eq!(resets, 0, "no epoch changed");
+    sub.quiet_for(Duration::from_millis(500)).await;
+    assert_eq!(nodes[0].metric("gateway_stream_rollbacks_total"), 0.0);
 }

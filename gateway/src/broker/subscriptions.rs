@@ -230,17 +230,15 @@ impl<T: Default, W: Waiter> SubscriptionTable<T, W> {
             .collect()
     }
 
-    /// The connection dropped: nothing is subscribed any more. Requests under way fail;
-    /// entries nobody holds are dropped with their state.
+    /// The connection dropped: nothing is subscribed any more. Entries nobody holds or
+    /// waits for are dropped with their state; requests under way stay queued and are
+    /// answered once the entry is linked again (or their requesters give up first), so a
+    /// blip does not fail them.
     pub fn disconnected(&mut self) {
         self.connected = false;
-        let error = BrokerError::Unavailable("redis pub/sub connection lost".into());
         self.entries.retain(|_, e| {
             e.link = Link::Down;
-            for w in e.waiters.drain(..) {
-                w.resolve(Err(error.clone()));
-            }
-            e.refs > 0
+            e.refs > 0 || !e.waiters.is_empty()
         });
     }
 
@@ -418,7 +416,10 @@ mod tests {
         let pending = Req::default();
         t.acquire("new", pending.clone());
         t.disconnected();
-        assert!(pending.answered_err(), "a request under way fails");
+        assert!(
+            pending.answer.borrow().is_none(),
+            "a request under way keeps waiting"
+        );
         assert_eq!(t.state_mut("idle"), None, "an idle entry does not survive");
         assert_eq!(t.state_mut("a"), Some(&mut 7), "a held one keeps its state");
         // While down, requests are refused without counting.
@@ -427,14 +428,24 @@ mod tests {
         assert!(refused.answered_err());
         assert_eq!(t.refs("a"), 1);
         let batches = t.connect(1);
-        assert_eq!(batches, vec![vec!["a".to_owned()], vec!["b".to_owned()]]);
+        assert_eq!(
+            batches,
+            vec![
+                vec!["a".to_owned()],
+                vec!["b".to_owned()],
+                vec!["new".to_owned()]
+            ]
+        );
         assert_eq!(t.link("a"), Some(Link::Linking));
         assert!(
             t.is_ready("a"),
             "delivery was started before: repair, not start"
         );
-        t.linked(["a", "b"]);
+        t.linked(["a", "b", "new"]);
         assert_eq!(t.acquire("a", Req::default()), Acquired::Answered);
+        t.set_ready("new", now);
+        assert!(pending.answered_ok(), "answered once linked again");
+        assert_eq!(t.refs("new"), 1);
     }
 
     #[test]

@@ -17,9 +17,11 @@
 //!   epoch, and the new stream is delivered from its start.
 //! - What the stream no longer has (trimmed or expired before the node read it) is
 //!   counted as a loss, never skipped silently.
-//! - A page of the *same* epoch whose position is behind what was already delivered
-//!   means the stream was rolled back under an unchanged epoch: the tracker asks for the
-//!   epoch to be rotated rather than deliver different payloads under old offsets.
+//! - A page of the *same* epoch whose position is behind what had been delivered when the
+//!   read was asked for means the stream was rolled back under an unchanged epoch: the
+//!   tracker asks for the epoch to be rotated rather than deliver different payloads under
+//!   old offsets. (Publications delivered live after the read was asked for may be newer
+//!   than the read: they prove nothing.)
 
 use broker_proto::v1::Publication;
 use std::{
@@ -178,10 +180,10 @@ impl ChannelTracker {
             self.read_gap(&mut out);
             return out;
         }
-        let Some(last) = self.last else {
+        if self.last.is_none() {
             self.begin_at(page, &mut out);
             return out;
-        };
+        }
         if self.epoch.as_deref() != Some(page.epoch.as_str()) {
             self.switch_epoch(page.epoch.clone(), &mut out);
             if after == Some(0) {
@@ -192,11 +194,16 @@ impl ChannelTracker {
             }
             return out;
         }
-        if page.offset < last {
+        // Evidence of a rollback is a position behind what had been delivered when the
+        // read was *asked for*: Redis had those. Live publications delivered since may be
+        // newer than the read and prove nothing.
+        if let Some(asked) = after
+            && page.offset < asked
+        {
             out.push(Action::Rollback {
                 epoch: page.epoch,
                 position: page.offset,
-                delivered: last,
+                delivered: asked,
             });
             return out;
         }
@@ -598,6 +605,24 @@ mod tests {
                 delivered: 10
             }]
         );
+    }
+
+    /// Found by the adversarial review: a read asked for after offset 16 ran in Redis
+    /// before publication 17, but its result came back after 17 was delivered live. The
+    /// stream is not behind; nothing must be rotated.
+    #[test]
+    fn a_read_older_than_live_deliveries_is_not_a_rollback() {
+        let mut t = started("e", 16);
+        let (id, after) = read_of(&t.reconnected());
+        assert_eq!(after, Some(16));
+        assert_eq!(delivered(&t.on_publication(p(17, "e"))), vec![17]);
+        let actions = t.on_page(id, page("e", 16, &[], false));
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Rollback { .. })),
+            "{actions:?}"
+        );
+        assert_eq!(t.position(), Some(("e", 17)));
+        assert_eq!(delivered(&t.on_publication(p(18, "e"))), vec![18]);
     }
 
     #[test]

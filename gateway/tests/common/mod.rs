@@ -60,7 +60,10 @@ impl Server {
         }
         let mut child = command
             .args(args)
-            .env("GATEWAY_LOG", "warn")
+            .env(
+                "GATEWAY_LOG",
+                std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -464,22 +467,31 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     persistent: bool,
+    extra: Vec<String>,
 }
 
 impl Redis {
     pub fn start(persistent: bool) -> Self {
+        Self::start_with(persistent, &[])
+    }
+
+    /// With extra `redis-server` arguments (kept for restarts).
+    pub fn start_with(persistent: bool, extra: &[&str]) -> Self {
         let mut r = Self {
             child: None,
             port: free_port(),
             dir: temp_dir("redis"),
             persistent,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
-        self.spawn_with(&[]);
+        let extra = self.extra.clone();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        self.spawn_with(&extra);
     }
 
     fn spawn_with(&mut self, extra: &[&str]) {
@@ -509,10 +521,17 @@ impl Redis {
             .expect("redis-server (install it: apt-get install redis-server)");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + TIMEOUT;
-        while self.cli(&["PING"]).as_deref() != Some("+PONG") {
+        while !matches!(
+            self.cli(&["PING"]).as_deref(),
+            Some("+PONG") | Some("-NOAUTH Authentication required.")
+        ) {
             assert!(std::time::Instant::now() < deadline, "redis did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     pub fn url(&self) -> String {
@@ -548,6 +567,12 @@ impl Redis {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// From the next restart on, with AOF persistence or without (then it loads whatever
+    /// RDB snapshot its directory holds).
+    pub fn set_persistent(&mut self, persistent: bool) {
+        self.persistent = persistent;
     }
 
     /// Starts again on the same port and directory (so AOF data comes back if persistent).
@@ -680,17 +705,31 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters, each with `replicas` replicas (the first three servers are the
+    /// masters).
+    pub fn start_with_replicas(replicas: usize) -> Self {
         let dir = temp_dir("redis-cluster");
-        let masters: Vec<Redis> = (0..3)
+        let masters: Vec<Redis> = (0..3 * (1 + replicas))
             .map(|i| {
                 let mut r = Redis {
                     child: None,
                     port: free_port(),
                     dir: dir.join(i.to_string()),
                     persistent: false,
+                    extra: vec![
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-node-timeout".into(),
+                        "2000".into(),
+                        "--enable-debug-command".into(),
+                        "yes".into(),
+                    ],
                 };
                 std::fs::create_dir_all(&r.dir).unwrap();
-                r.spawn_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]);
+                r.spawn();
                 r
             })
             .collect();
@@ -701,7 +740,7 @@ impl RedisCluster {
         let status = Process::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .status()
             .expect("redis-cli");
@@ -732,7 +771,162 @@ impl RedisCluster {
             .join(",")
     }
 
+    /// Every server (masters and replicas).
     pub fn masters(&self) -> &[Redis] {
         &self.masters
+    }
+
+    pub fn servers_mut(&mut self) -> &mut [Redis] {
+        &mut self.masters
+    }
+
+    /// The server currently serving `slot` as master, by `CLUSTER SLOTS` from any live
+    /// server: its index in `masters()` and its node id.
+    pub fn owner_of(&self, slot: u16) -> (usize, String) {
+        for server in &self.masters {
+            let Some(out) = server.cli_all(&["CLUSTER", "SHARDS"]) else {
+                continue;
+            };
+            if out.trim().is_empty() {
+                continue;
+            }
+            // redis-cli prints the nested reply flat; walk it: slots, then nodes with
+            // port, role and health.
+            let lines: Vec<&str> = out.lines().map(str::trim).collect();
+            let mut i = 0;
+            while i < lines.len() {
+                if lines[i] == "slots" {
+                    let mut ranges = Vec::new();
+                    let mut j = i + 1;
+                    while j + 1 < lines.len() && lines[j] != "nodes" {
+                        if let (Ok(a), Ok(b)) =
+                            (lines[j].parse::<u16>(), lines[j + 1].parse::<u16>())
+                        {
+                            ranges.push((a, b));
+                            j += 2;
+                        } else {
+                            j += 1;
+                        }
+                    }
+                    let owns = ranges.iter().any(|&(a, b)| a <= slot && slot <= b);
+                    // Find the master among the nodes of this shard.
+                    let mut k = j;
+                    let (mut id, mut port, mut master) = (String::new(), 0u16, None);
+                    while k < lines.len() && lines[k] != "slots" {
+                        match lines[k] {
+                            "id" => id = lines[k + 1].to_owned(),
+                            "port" => port = lines[k + 1].parse().unwrap_or(0),
+                            "role" if lines[k + 1] == "master" => master = Some((id.clone(), port)),
+                            _ => {}
+                        }
+                        k += 1;
+                    }
+                    if owns && let Some((id, port)) = master {
+                        let index = self.masters.iter().position(|m| m.port == port).unwrap();
+                        return (index, id);
+                    }
+                    i = k;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        panic!("no master owns slot {slot}")
+    }
+
+    /// The node id of `masters()[index]`.
+    pub fn node_id(&self, index: usize) -> String {
+        self.masters[index]
+            .cli_all(&["CLUSTER", "MYID"])
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+}
+
+/// Redis Sentinel processes watching one master (`mymaster`).
+pub struct Sentinels {
+    children: Vec<Child>,
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl Sentinels {
+    /// Three sentinels (quorum 2) watching `master`, failing over after 1 s of silence.
+    pub fn start(master: &Redis) -> Self {
+        let dir = temp_dir("sentinel");
+        let mut children = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.join(format!("sentinel{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n\
+                     sentinel parallel-syncs mymaster 1\n",
+                    dir.display(),
+                    master.port
+                ),
+            )
+            .unwrap();
+            let child = Process::new("redis-sentinel")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-sentinel (apt-get install redis-sentinel)");
+            children.push(child);
+            ports.push(port);
+        }
+        let s = Self {
+            children,
+            ports,
+            dir,
+        };
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while s.master_port().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sentinels did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    /// `redis+sentinel://` URL for `--redis-url`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+    }
+
+    /// The master's port as the sentinels currently see it.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = Process::new("redis-cli")
+            .args(["-p", &self.ports[0].to_string()])
+            .args(["SENTINEL", "get-master-addr-by-name", "mymaster"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

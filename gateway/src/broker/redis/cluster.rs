@@ -48,6 +48,12 @@ struct Probe {
     sent: Option<std::time::Instant>,
 }
 
+/// What the prober tells the subscription task.
+enum ProbeEvent {
+    /// A probe did not come back: some shard subscription is silent.
+    Silent(String),
+}
+
 /// What the cluster's subscription task needs.
 pub struct Setup {
     pub commands: Arc<Commands>,
@@ -66,6 +72,14 @@ pub struct Setup {
 /// Starts the cluster's subscription task; returns its handle.
 pub fn spawn(setup: Setup) -> PubSub {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (heard_tx, heard_rx) = mpsc::unbounded_channel();
+    let (silent_tx, silent_rx) = mpsc::unbounded_channel();
+    let probe_base = format!("{}probe:{}", setup.prefix, setup.node_id);
+    let (setup_commands, setup_config, setup_clock) = (
+        setup.commands.clone(),
+        setup.config.clone(),
+        setup.clock.clone(),
+    );
     let connected = Arc::new(AtomicBool::new(false));
     let (delivery, done) = Delivery::new(
         setup.hub,
@@ -85,11 +99,23 @@ pub fn spawn(setup: Setup) -> PubSub {
         generation: None,
         relink: false,
         connected: connected.clone(),
-        probes: Vec::new(),
-        probe_base: format!("{}probe:{}", setup.prefix, setup.node_id),
-        last_probe: None,
+        probe_base: probe_base.clone(),
+        heard: heard_tx,
+        silent: silent_rx,
     };
     tokio::spawn(task.run());
+    tokio::spawn(
+        Prober {
+            commands: setup_commands,
+            config: setup_config,
+            clock: setup_clock,
+            base: probe_base,
+            probes: Vec::new(),
+            heard: heard_rx,
+            silent: silent_tx,
+        }
+        .run(),
+    );
     PubSub::new(tx, connected)
 }
 
@@ -106,9 +132,10 @@ struct Task {
     /// Some subscriptions are down while the connection is up (Redis ended them).
     relink: bool,
     connected: Arc<AtomicBool>,
-    probes: Vec<Probe>,
     probe_base: String,
-    last_probe: Option<std::time::Instant>,
+    /// Probe messages heard, for the prober.
+    heard: mpsc::UnboundedSender<String>,
+    silent: mpsc::UnboundedReceiver<ProbeEvent>,
 }
 
 fn bulk_str(v: &Value) -> Option<String> {
@@ -213,10 +240,14 @@ impl Task {
                     }
                 },
                 Some(done) = self.done.recv() => self.delivery.on_done(done, self.delivery.clock.now()),
+                Some(ProbeEvent::Silent(probe)) = self.silent.recv() => {
+                    tracing::warn!(probe, "a shard subscription went silent; subscribing again and repairing");
+                    self.delivery.table.disconnected();
+                    self.connected.store(false, Ordering::Relaxed);
+                }
                 _ = tick.tick() => {
                     self.ensure_linked().await;
                     self.unsubscribe_idle().await;
-                    self.probe().await;
                 }
             }
         }
@@ -234,32 +265,113 @@ impl Task {
         }
     }
 
-    /// Sends each master's probe every probe interval and checks the last ones came
-    /// back; refreshes the probe channels from the slot map.
-    async fn probe(&mut self) {
-        let now = self.delivery.clock.now();
-        let interval = self.config.probe_interval;
-        let overdue = interval.max(self.config.timeout);
+    fn on_push(&mut self, push: PushInfo) {
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                let (Some(channel), Some(Value::BulkString(payload))) =
+                    (push.data.first().and_then(bulk_str), push.data.get(1))
+                else {
+                    return;
+                };
+                if channel.contains(&self.probe_base) {
+                    let _ = self.heard.send(channel);
+                    return;
+                }
+                if channel == self.control {
+                    self.delivery.on_control(payload);
+                } else {
+                    self.delivery.on_message(&channel, payload);
+                }
+            }
+            PushKind::SUnsubscribe
+                if push
+                    .data
+                    .first()
+                    .and_then(bulk_str)
+                    .is_some_and(|c| c.contains(&self.probe_base)) =>
+            {
+                // A probe channel's slot moved: the prober finds its new owner.
+                let _ = self.heard.send(String::new());
+            }
+            PushKind::SUnsubscribe => {
+                // Redis ended a shard subscription by itself (its slot moved): the next
+                // tick subscribes it again on the slot's new owner and repairs it.
+                if let Some(channel) = push.data.first().and_then(bulk_str)
+                    && self.delivery.table.unlinked(&channel)
+                {
+                    self.relink = true;
+                    tracing::info!(channel, "shard subscription ended by redis; re-subscribing");
+                }
+            }
+            PushKind::Disconnection => {
+                // Some master's connection dropped; redis-rs reconnects it, and the next
+                // tick subscribes everything again and repairs.
+                self.delivery.table.disconnected();
+                self.connected.store(false, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The self-probe, in its own task so a frozen master never holds up subscriptions.
+struct Prober {
+    commands: Arc<Commands>,
+    config: PubSubConfig,
+    clock: Clock,
+    base: String,
+    probes: Vec<Probe>,
+    /// Probe channels heard back (empty: re-subscribe every probe channel).
+    heard: mpsc::UnboundedReceiver<String>,
+    silent: mpsc::UnboundedSender<ProbeEvent>,
+}
+
+impl Prober {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.config.probe_interval.max(TICK));
+        loop {
+            tokio::select! {
+                heard = self.heard.recv() => match heard {
+                    None => return,
+                    Some(channel) if channel.is_empty() => {
+                        for p in &mut self.probes {
+                            p.subscribed = false;
+                            p.sent = None;
+                        }
+                    }
+                    Some(channel) => {
+                        if let Some(p) = self.probes.iter_mut().find(|p| p.channel == channel) {
+                            p.sent = None;
+                        }
+                    }
+                },
+                _ = tick.tick() => self.round().await,
+            }
+        }
+    }
+
+    async fn cluster(&self) -> Result<redis::cluster_async::ClusterConnection, BrokerError> {
+        match self.commands.connection().await? {
+            Conn::Cluster(c) => Ok(c),
+            Conn::Single(_) => Err(BrokerError::Internal("not a cluster connection".into())),
+        }
+    }
+
+    /// Checks the last probes came back, refreshes the probe channels from the slot
+    /// map, and sends the next probes.
+    async fn round(&mut self) {
+        let now = self.clock.now();
+        let overdue = self.config.probe_interval.max(self.config.timeout);
         if let Some(p) = self.probes.iter().find(|p| {
             p.sent
                 .is_some_and(|t| now.saturating_duration_since(t) > overdue)
         }) {
-            tracing::warn!(
-                probe = p.channel,
-                "a shard subscription went silent; subscribing again and repairing"
-            );
-            self.probes.clear();
-            self.delivery.table.disconnected();
-            self.connected.store(false, Ordering::Relaxed);
-            return;
+            let _ = self.silent.send(ProbeEvent::Silent(p.channel.clone()));
+            for p in &mut self.probes {
+                p.subscribed = false;
+                p.sent = None;
+            }
         }
-        if self
-            .last_probe
-            .is_some_and(|t| now.saturating_duration_since(t) < interval)
-        {
-            return;
-        }
-        self.last_probe = Some(now);
         let Ok(mut conn) = self.cluster().await else {
             return;
         };
@@ -274,29 +386,30 @@ impl Task {
                 }));
             }
             for stale in self.probes.drain(..).filter(|p| p.subscribed) {
-                let _ = conn.sunsubscribe(&stale.channel).await;
+                let _ =
+                    tokio::time::timeout(self.config.timeout, conn.sunsubscribe(&stale.channel))
+                        .await;
             }
             self.probes = probes;
         }
-        for i in 0..self.probes.len() {
-            if !self.probes[i].subscribed {
-                let channel = self.probes[i].channel.clone();
-                self.probes[i].subscribed = self.ssubscribe(&mut conn, &channel).await.is_ok();
+        let timeout = self.config.timeout;
+        for probe in &mut self.probes {
+            if !probe.subscribed {
+                probe.subscribed = matches!(
+                    tokio::time::timeout(timeout, conn.ssubscribe(&probe.channel)).await,
+                    Ok(Ok(()))
+                );
                 continue;
             }
-            if self.probes[i].sent.is_some() {
+            if probe.sent.is_some() {
                 continue;
             }
-            let channel = self.probes[i].channel.clone();
             let mut spublish = redis::cmd("SPUBLISH");
-            spublish.arg(&channel).arg("probe");
+            spublish.arg(&probe.channel).arg("probe");
             let published = spublish.query_async::<i64>(&mut conn);
-            if matches!(
-                tokio::time::timeout(self.config.timeout, published).await,
-                Ok(Ok(_))
-            ) {
-                self.probes[i].sent = Some(now);
-            }
+            // A probe that could not even be sent counts as sent: it cannot come back.
+            let _ = tokio::time::timeout(timeout, published).await;
+            probe.sent = Some(now);
         }
     }
 
@@ -330,61 +443,9 @@ impl Task {
             .into_iter()
             .filter_map(|(_, slot)| {
                 let tag = tag_for_slot(slot)?;
-                Some(format!("{{{tag}}}{}", self.probe_base))
+                Some(format!("{{{tag}}}{}", self.base))
             })
             .collect())
-    }
-
-    fn on_push(&mut self, push: PushInfo) {
-        match push.kind {
-            PushKind::SMessage | PushKind::Message => {
-                let (Some(channel), Some(Value::BulkString(payload))) =
-                    (push.data.first().and_then(bulk_str), push.data.get(1))
-                else {
-                    return;
-                };
-                if let Some(p) = self.probes.iter_mut().find(|p| p.channel == channel) {
-                    p.sent = None;
-                    return;
-                }
-                if channel == self.control {
-                    self.delivery.on_control(payload);
-                } else {
-                    self.delivery.on_message(&channel, payload);
-                }
-            }
-            PushKind::SUnsubscribe
-                if push
-                    .data
-                    .first()
-                    .and_then(bulk_str)
-                    .is_some_and(|c| self.probes.iter().any(|p| p.channel == c)) =>
-            {
-                // A probe channel's slot moved: the next probe round finds its new owner.
-                self.last_probe = None;
-                for p in &mut self.probes {
-                    p.subscribed = false;
-                    p.sent = None;
-                }
-            }
-            PushKind::SUnsubscribe => {
-                // Redis ended a shard subscription by itself (its slot moved): the next
-                // tick subscribes it again on the slot's new owner and repairs it.
-                if let Some(channel) = push.data.first().and_then(bulk_str)
-                    && self.delivery.table.unlinked(&channel)
-                {
-                    self.relink = true;
-                    tracing::info!(channel, "shard subscription ended by redis; re-subscribing");
-                }
-            }
-            PushKind::Disconnection => {
-                // Some master's connection dropped; redis-rs reconnects it, and the next
-                // tick subscribes everything again and repairs.
-                self.delivery.table.disconnected();
-                self.connected.store(false, Ordering::Relaxed);
-            }
-            _ => {}
-        }
     }
 }
 

@@ -9,8 +9,9 @@
 //! instance than the recorded one, the stream may have lost acknowledged publications: a
 //! restart from an older snapshot, a replica promoted before it had every write, a
 //! restored backup. The epoch is then rotated — unless the recorded instance was durable
-//! and the current one restarted from its own data rather than being promoted. So an
-//! `(epoch, offset)` pair never names two different publications.
+//! and the current one restarted from that durable data (it is durable itself, so it loaded
+//! the AOF, not an older RDB snapshot) rather than being promoted. So an `(epoch, offset)`
+//! pair never names two different publications.
 
 /// Settles the channel's epoch; defines
 /// `stream_epoch(stream, meta, candidate, durable, run_id, promoted, layout)` returning
@@ -49,8 +50,11 @@ local function stream_epoch(stream, meta, candidate, durable, node_run_id, node_
     end
     return m[1]
   end
-  if m[3] == '1' and not promoted then
-    redis.call('hset', meta, 'r', run_id, 'd', durable)
+  -- Another instance: the data survived whole only if the one that vouched for the
+  -- epoch persisted every write, and this one loaded that (it persists every write too,
+  -- so it started from the AOF, not an RDB snapshot) rather than being a promoted replica.
+  if m[3] == '1' and durable == '1' and not promoted then
+    redis.call('hset', meta, 'r', run_id)
     return m[1]
   end
   redis.call('hset', meta, 'e', candidate, 'r', run_id, 'd', durable)
