@@ -187,6 +187,11 @@ pub fn layout_mismatch(mismatch: bool) {
     gauge!("gateway_redis_layout_mismatch").set(if mismatch { 1.0 } else { 0.0 });
 }
 
+/// One presence refresh and expiry pass over this node's entries.
+pub fn presence_upkeep(took: std::time::Duration) {
+    histogram!("gateway_presence_upkeep_seconds").record(took.as_secs_f64());
+}
+
 pub fn pubsub_reconnect() {
     counter!("gateway_redis_pubsub_reconnects_total").increment(1);
 }

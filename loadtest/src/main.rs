@@ -73,6 +73,12 @@ struct Args {
     /// Do not read the gateway's /metrics (e.g. when several loadgens share one gateway)
     #[arg(long)]
     no_metrics: bool,
+    /// Channels each connection subscribes to besides its own (they get no publications;
+    /// for presence and memory load), spread over --extra-channels channels
+    #[arg(long, default_value_t = 0)]
+    extra_subscriptions: usize,
+    #[arg(long, default_value_t = 1000)]
+    extra_channels: usize,
 }
 
 /// The parts of `ServerFrame` the generator needs; prost skips the rest without
@@ -334,24 +340,38 @@ async fn main() {
                 .map_err(|e| eprintln!("connect: {e}"))
                 .ok()?;
             let channel = format!("{}{}", args.prefix, i % args.channels);
-            let sub = ClientFrame {
-                id: 1,
+            let subscribe = |id: u32, channel: String| ClientFrame {
+                id,
                 command: Some(Command::Subscribe(Subscribe {
                     channel,
                     ..Default::default()
                 })),
             };
-            ws.send(send_frames(&[sub])).await.ok()?;
+            let mut subs = vec![subscribe(1, channel)];
+            for j in 0..args.extra_subscriptions {
+                let extra = (i * args.extra_subscriptions + j) % args.extra_channels.max(1);
+                subs.push(subscribe(
+                    j as u32 + 2,
+                    format!("{}extra{extra}", args.prefix),
+                ));
+            }
+            ws.send(send_frames(&subs)).await.ok()?;
             // The subscribe reply gives the offset this subscriber starts after.
+            let (mut offset, mut replies) = (None, 0);
             while let Some(Ok(msg)) = ws.next().await {
-                if let Message::Binary(p) = msg
-                    && let Some(f) = frames(&p).find(|f| f.id == 1)
-                {
+                let Message::Binary(p) = msg else { continue };
+                for f in frames(&p).filter(|f| f.id != 0) {
                     if let Some(e) = f.error {
                         eprintln!("subscribe error {}", e.code);
                         return None;
                     }
-                    return Some((ws, f.subscribe.map_or(0, |s| s.offset)));
+                    if f.id == 1 {
+                        offset = Some(f.subscribe.map_or(0, |s| s.offset));
+                    }
+                    replies += 1;
+                }
+                if replies == subs.len() {
+                    return Some((ws, offset.unwrap_or(0)));
                 }
             }
             None

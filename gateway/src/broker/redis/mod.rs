@@ -643,8 +643,10 @@ impl Broker for RedisBroker {
             / PRESENCE_REFRESHES_PER_TTL)
             .max(1);
         if round.is_multiple_of(per_refresh) {
+            let started = std::time::Instant::now();
             self.refresh_presence().await;
             self.expire_presence().await;
+            crate::metrics::presence_upkeep(started.elapsed());
         }
     }
 
