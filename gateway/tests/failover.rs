@@ -13,6 +13,7 @@ use broker_proto::{
 use common::*;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    process::Command as Process,
     time::{Duration, Instant},
 };
 
@@ -631,4 +632,115 @@ async fn sentinel_failover_under_load_keeps_subscribers_receiving() {
         }
     }
     assert!(seen.resets.contains(&last_epoch));
+}
+
+/// Found by the adversarial review: after a manual `SENTINEL FAILOVER` the nodes kept
+/// writing to the old master (still up, not yet told to replicate) for ~11 s; every
+/// publication acknowledged there was lost when it became a replica. Now the node hears
+/// `+switch-master` and moves its connections to the new master at once.
+#[tokio::test]
+async fn a_sentinel_switch_moves_writes_to_the_new_master_at_once() {
+    let master = Redis::start(false);
+    let replica = Redis::start_with(
+        false,
+        &["--replicaof", "127.0.0.1", &master.port.to_string()],
+    );
+    let sentinels = Sentinels::start(&master);
+    let nodes = nodes_on(&sentinels.url(), 1, FAST);
+    let mut sub = nodes[0].client(Encoding::Proto).await;
+    let Body::Subscribe(s) = ok(sub.call(subscribe("switch")).await) else {
+        panic!()
+    };
+    let (_, before) = api_publish(nodes[0].addr, "switch", "before");
+    assert_eq!(before, s.epoch);
+    let sentinel = format!("redis://127.0.0.1:{}", sentinels.ports[0]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The sentinels learn about the replica from the master's INFO; until then there is
+    // nobody to fail over to.
+    loop {
+        let out = Process::new("redis-cli")
+            .args(["-u", &sentinel, "SENTINEL", "FAILOVER", "mymaster"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "OK" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failover possible");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    while sentinels.master_port() != Some(replica.port) {
+        assert!(Instant::now() < deadline, "the replica was never promoted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The old master still accepts writes for seconds; the node must not use it.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, after) = api_publish(nodes[0].addr, "switch", "after");
+    assert_ne!(after, before, "the promoted replica starts a new epoch");
+    let stored = replica
+        .cli_all(&["XRANGE", "gw:{switch}:s", "-", "+"])
+        .unwrap();
+    assert!(
+        stored.contains("after"),
+        "the publication went to the new master: {stored}"
+    );
+    let mut seen = Seen::default();
+    watch(&mut sub, &mut seen, |s| s.payloads().contains("after")).await;
+    assert!(seen.resets.contains(&after));
+}
+
+/// Found by the adversarial review: on Redis Cluster the node asked one random master
+/// whether Redis persists every write and vouched for all of them. A master whose AOF is
+/// off (persistence differing between masters, or turned off at runtime) that restarts
+/// from an older RDB snapshot kept its epoch, so one (epoch, offset) named two payloads
+/// and a recovery across the restart answered `recovered` with the wrong publications.
+#[tokio::test]
+async fn a_cluster_master_without_aof_restarted_from_a_snapshot_rotates_the_epoch() {
+    let mut cluster = RedisCluster::start();
+    for m in cluster.masters() {
+        assert_eq!(
+            m.cli(&["CONFIG", "SET", "appendonly", "yes"]).as_deref(),
+            Some("+OK")
+        );
+    }
+    // Every master persists every write when the node connects (and, with a patient
+    // command timeout, the node keeps that connection through the restart below)...
+    let patient = "[redis]\ncommand_timeout_ms = 15000\nprobe_interval_ms = 1000\n";
+    let nodes = nodes_on(&cluster.url(), 1, patient);
+    let slot = keyslot(&cluster.masters()[0], "gw:{mixed}:s");
+    let (m, _) = cluster.owner_of(slot);
+    // ...then the channel's master stops (as when AOF is rolled out one master at a time).
+    let target = &cluster.masters()[m];
+    assert_eq!(
+        target
+            .cli(&["CONFIG", "SET", "appendonly", "no"])
+            .as_deref(),
+        Some("+OK")
+    );
+    let mut first = (0, String::new());
+    for i in 1..=3 {
+        let ack = api_publish(nodes[0].addr, "mixed", &format!("before{i}"));
+        if i == 1 {
+            first = ack;
+        }
+    }
+    assert_eq!(target.cli(&["SAVE"]).as_deref(), Some("+OK"));
+    for i in 4..=5 {
+        api_publish(nodes[0].addr, "mixed", &format!("before{i}"));
+    }
+    cluster.servers_mut()[m].restart();
+    let (offset, epoch) = api_publish(nodes[0].addr, "mixed", "after4");
+    assert_eq!(offset, first.0 + 3, "the snapshot ended at before3");
+    assert_ne!(
+        epoch, first.1,
+        "offset {offset} names another payload now: a new epoch"
+    );
+    let mut late = nodes[0].client(Encoding::Proto).await;
+    let Body::Subscribe(r) = ok(late.call(recover("mixed", first.0, &first.1)).await) else {
+        panic!()
+    };
+    assert!(
+        !r.recovered,
+        "before4 and before5 are gone: no honest recovery"
+    );
+    assert_eq!(r.epoch, epoch);
 }

@@ -11,8 +11,10 @@ use redis::{
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
 };
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{
         Arc, Mutex,
@@ -63,6 +65,13 @@ pub enum Connector {
 }
 
 impl Connector {
+    fn switches(&self) -> u64 {
+        match self {
+            Self::Single(endpoint, _) => endpoint.switch_count(),
+            Self::Cluster(_) => 0,
+        }
+    }
+
     async fn connect(&self) -> RedisResult<Conn> {
         match self {
             Self::Single(endpoint, config) => endpoint
@@ -91,6 +100,8 @@ pub struct Instance {
 
 struct State {
     conn: Option<(Conn, Arc<Instance>)>,
+    /// The endpoint's master switch count when `conn` was made.
+    switches: u64,
     retry_at: Option<Instant>,
     backoff: Backoff,
 }
@@ -125,6 +136,7 @@ impl Commands {
             timeout,
             state: Mutex::new(State {
                 conn: None,
+                switches: 0,
                 retry_at: None,
                 backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
             }),
@@ -150,7 +162,12 @@ impl Commands {
 
     /// The live connection, or an error at once while in a backoff window.
     fn current(&self) -> Result<Option<(Conn, Arc<Instance>)>, BrokerError> {
-        let s = self.state();
+        let mut s = self.state();
+        if s.conn.is_some() && s.switches != self.connector.switches() {
+            // Sentinel named another master: this one may be demoted any moment.
+            s.conn = None;
+            s.retry_at = None;
+        }
         if let Some(c) = &s.conn {
             return Ok(Some(c.clone()));
         }
@@ -175,6 +192,7 @@ impl Commands {
         if let Some(c) = self.current()? {
             return Ok(c);
         }
+        let switches = self.connector.switches();
         let connected = tokio::time::timeout(self.timeout, async {
             let conn = self.connector.connect().await?;
             let single = matches!(self.connector, Connector::Single(..));
@@ -186,6 +204,7 @@ impl Commands {
             Ok(Ok(c)) => {
                 let mut s = self.state();
                 s.conn = Some(c.clone());
+                s.switches = switches;
                 s.retry_at = None;
                 s.backoff.reset();
                 self.healthy.store(true, Ordering::Relaxed);
@@ -236,7 +255,7 @@ impl Commands {
 /// promoted from a replica (`master_replid2` set), from `INFO`. Redis Cluster: left to
 /// the scripts, which run on whichever master owns a channel's slot.
 async fn identify(mut conn: Conn, single: bool) -> RedisResult<Instance> {
-    let durable = durable(conn.clone()).await;
+    let durable = durable(&mut conn).await;
     if !single {
         return Ok(Instance {
             durable,
@@ -265,25 +284,46 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Whether the server persists every write before acknowledging it. `CONFIG` may be
-/// disabled (managed Redis): then the answer is no, and epochs rotate on every restart,
-/// which is safe.
-async fn durable(mut conn: Conn) -> bool {
+/// Whether the server persists every write before acknowledging it; on Redis Cluster,
+/// whether every master does (a plain `CONFIG GET` would ask one random node, whose answer
+/// says nothing about the others). `CONFIG` may be disabled (managed Redis): then the
+/// answer is no, and epochs rotate on every restart, which is safe.
+async fn durable(conn: &mut Conn) -> bool {
     let mut command = redis::cmd("CONFIG");
     command.arg("GET").arg("append*");
-    match command
-        .query_async::<std::collections::HashMap<String, String>>(&mut conn)
-        .await
-    {
-        Ok(config) => {
-            config.get("appendonly").map(String::as_str) == Some("yes")
-                && config.get("appendfsync").map(String::as_str) == Some("always")
-        }
+    let answers = match conn {
+        Conn::Single(c) => command.query_async::<Value>(c).await.map(|v| vec![v]),
+        Conn::Cluster(c) => c
+            .route_command(
+                command,
+                RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+            )
+            .await
+            .and_then(|v| match v {
+                Value::Map(per_node) => Ok(per_node.into_iter().map(|(_, v)| v).collect()),
+                other => Ok(vec![other]),
+            }),
+    };
+    let answers = match answers {
+        Ok(answers) if !answers.is_empty() => answers,
+        Ok(_) => return false,
         Err(e) => {
             tracing::info!(error = %e, "cannot read redis persistence config; treating it as not durable");
-            false
+            return false;
         }
-    }
+    };
+    answers.into_iter().all(|answer| {
+        match redis::from_redis_value::<HashMap<String, String>>(answer) {
+            Ok(config) => {
+                config.get("appendonly").map(String::as_str) == Some("yes")
+                    && config.get("appendfsync").map(String::as_str) == Some("always")
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "cannot read redis persistence config; treating it as not durable");
+                false
+            }
+        }
+    })
 }
 
 #[cfg(test)]

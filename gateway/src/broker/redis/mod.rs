@@ -140,6 +140,9 @@ impl Clients {
             for url in &config.urls {
                 let shard = Shard::parse(url)?;
                 let endpoint = Arc::new(Endpoint::open(&shard)?);
+                if endpoint.switches().is_some() {
+                    tokio::spawn(Endpoint::watch_switches(Arc::downgrade(&endpoint)));
+                }
                 servers.push((shard.name, endpoint));
             }
             return Ok(Self::Single(servers));

@@ -181,6 +181,10 @@ impl Task {
 
     async fn connect_and_serve(&mut self, backoff: &mut Backoff) -> Ended {
         let timeout = self.config.timeout;
+        let mut switches = self.endpoint.switches();
+        if let Some(s) = &mut switches {
+            s.mark_unchanged();
+        }
         let connect = async { self.endpoint.client().await?.get_async_pubsub().await };
         let pubsub = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(p)) => p,
@@ -246,6 +250,7 @@ impl Task {
                     }
                 },
                 Some(done) = self.done.recv() => self.delivery.on_done(done, self.delivery.clock.now()),
+                () = switched(&mut switches) => return Ended::Lost("sentinel switched the master".into()),
                 _ = tick.tick() => {
                     let idle = self.delivery.table.take_idle(self.delivery.clock.now());
                     if !idle.is_empty() {
@@ -278,5 +283,15 @@ impl Task {
                 }
             }
         }
+    }
+}
+
+/// Resolves when Sentinel names a new master (never for a fixed URL).
+async fn switched(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    let Some(s) = switches else {
+        return std::future::pending().await;
+    };
+    if s.changed().await.is_err() {
+        std::future::pending().await
     }
 }

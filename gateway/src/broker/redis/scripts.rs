@@ -18,23 +18,28 @@
 /// the epoch to use. A `layout` token other than the one stored (see `layout.rs`) means
 /// the server list changed since the epoch was vouched for: the epoch rotates. The node passes who answers on its connection (read when it connected); an
 /// empty `run_id` (Redis Cluster) makes the script read it with `INFO`, which costs
-/// several microseconds per call. A missing meta starts a new stream (whatever stream is
+/// several microseconds per call. On Cluster the node's `durable` says every master it
+/// asked persists every write; the script still confirms that its own master has AOF on
+/// (`INFO persistence`), since masters may differ or join later. A missing meta starts a new stream (whatever stream is
 /// left belongs to a forgotten epoch); a changed instance rotates the epoch as above but
 /// keeps the offsets and the stored publications, which now belong to the new epoch.
 const STREAM_EPOCH: &str = r#"
-local function instance(run_id, promoted)
+local function instance(run_id, promoted, durable)
   if run_id ~= '' then
-    return run_id, promoted == '1'
+    return run_id, promoted == '1', durable
   end
   local server = redis.call('info', 'server')
   local replication = redis.call('info', 'replication')
   local id = string.match(server, 'run_id:(%x+)') or '?'
   local replid2 = string.match(replication, 'master_replid2:(%x+)') or ''
-  return id, string.find(replid2, '[^0]') ~= nil
+  if durable == '1' and not string.find(redis.call('info', 'persistence'), 'aof_enabled:1', 1, true) then
+    durable = '0'
+  end
+  return id, string.find(replid2, '[^0]') ~= nil, durable
 end
-local function stream_epoch(stream, meta, candidate, durable, node_run_id, node_promoted, layout)
+local function stream_epoch(stream, meta, candidate, node_durable, node_run_id, node_promoted, layout)
   local m = redis.call('hmget', meta, 'e', 'r', 'd', 'l')
-  local run_id, promoted = instance(node_run_id, node_promoted)
+  local run_id, promoted, durable = instance(node_run_id, node_promoted, node_durable)
   if not m[1] then
     redis.call('del', stream)
     redis.call('hset', meta, 'e', candidate, 'o', 0, 'r', run_id, 'd', durable, 'l', layout)
