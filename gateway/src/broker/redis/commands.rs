@@ -299,9 +299,9 @@ async fn durable(conn: &mut Conn) -> bool {
                 RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
             )
             .await
-            .and_then(|v| match v {
-                Value::Map(per_node) => Ok(per_node.into_iter().map(|(_, v)| v).collect()),
-                other => Ok(vec![other]),
+            .map(|v| match v {
+                Value::Map(per_node) => per_node.into_iter().map(|(_, v)| v).collect(),
+                other => vec![other],
             }),
     };
     let answers = match answers {
