@@ -26,14 +26,14 @@ SRC = Path(__file__).resolve().parent.parent / "gateway" / "src"
 LAYERS = [
     ["lib", "main"],
     ["shutdown", "transport"],
-    ["api"],
+    ["api", "files"],
     ["node"],
     ["session"],
-    ["channels"],
+    ["channels", "rpc"],
     ["error"],
     ["broker"],
     ["hub"],
-    ["auth", "config", "metrics", "http", "backoff", "clock"],
+    ["auth", "config", "metrics", "http", "backoff", "clock", "blobs"],
     ["channel"],
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -236,7 +236,7 @@ mod tests {
                 channel: "chat:room".into(),
                 data: Bytes::from_static(data),
                 content_type: "text/plain".into(),
-                idempotency_key: String::new(),
+                ..Default::default()
             })),
         }
     }
@@ -353,6 +353,88 @@ mod tests {
             let err = decode_frames::<ClientFrame>(encoding, payload.clone(), &limits).unwrap_err();
             assert!(check(&err), "{encoding:?} {payload:?}: {err}");
         }
+    }
+
+    #[test]
+    fn image_frames_round_trip_in_both_encodings() {
+        use crate::v1::{BlobChunk, BlobPut, BlobRef, Rpc, RpcResult};
+        let jpeg: &'static [u8] = b"\xff\xd8\xff\xe0 not base64 on the wire";
+        let client = vec![
+            ClientFrame {
+                id: 1,
+                command: Some(Command::BlobPut(BlobPut {
+                    upload: 7,
+                    channel: "chat:room".into(),
+                    content_type: "image/jpeg".into(),
+                    size: 1 << 40,
+                    data: Bytes::from_static(jpeg),
+                    last: true,
+                    id: "ab".repeat(32),
+                })),
+            },
+            ClientFrame {
+                id: 2,
+                command: Some(Command::Rpc(Rpc {
+                    method: "slice".into(),
+                    data: Bytes::from_static(b"\x00\x01"),
+                    content_type: "application/octet-stream".into(),
+                })),
+            },
+            ClientFrame {
+                id: 3,
+                command: Some(Command::Publish(Publish {
+                    channel: "chat:room".into(),
+                    blobs: vec![BlobRef {
+                        id: "cd".repeat(32),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })),
+            },
+        ];
+        let server = vec![
+            ServerFrame {
+                id: 4,
+                error: None,
+                body: Some(Body::BlobChunk(BlobChunk {
+                    id: "ab".repeat(32),
+                    offset: 65_536,
+                    data: Bytes::from_static(jpeg),
+                    last: true,
+                    size: 70_000,
+                    content_type: "image/jpeg".into(),
+                })),
+            },
+            ServerFrame {
+                id: 5,
+                error: None,
+                body: Some(Body::Rpc(RpcResult {
+                    data: Bytes::from_static(jpeg),
+                    content_type: "image/jpeg".into(),
+                })),
+            },
+        ];
+        for encoding in [Encoding::Proto, Encoding::Json] {
+            let back: Vec<ClientFrame> =
+                decode_frames(encoding, pack(encoding, &client), &Limits::default()).unwrap();
+            assert_eq!(back, client, "{encoding:?}");
+            for frame in &server {
+                let bytes = encode_frame(encoding, frame);
+                let back: Vec<ServerFrame> =
+                    decode_frames(encoding, bytes, &Limits::default()).unwrap();
+                assert_eq!(&back[0], frame, "{encoding:?}");
+            }
+        }
+        // Binary in proto: the bytes appear as they are; JSON names fields in camelCase.
+        let proto = encode_frame(Encoding::Proto, &server[0]);
+        assert!(proto.windows(jpeg.len()).any(|w| w == jpeg));
+        let json = encode_frame(Encoding::Json, &client[0]);
+        let text = std::str::from_utf8(&json).unwrap();
+        assert!(
+            text.contains(r#""blobPut":{"#) && text.contains(r#""contentType":"image/jpeg""#),
+            "{text}"
+        );
+        assert!(text.contains(r#""size":"1099511627776""#), "{text}");
     }
 
     #[test]

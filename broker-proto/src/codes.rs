@@ -16,10 +16,19 @@ pub enum ErrorCode {
     BrokerUnavailable = 108,
     TokenExpired = 109,
     MessageTooLarge = 110,
+    /// A blob id that is unknown or expired.
+    BlobNotFound = 111,
+    /// A blob whose sniffed type is not allowed, or not the claimed one.
+    BlobTypeNotAllowed = 112,
+    /// A bad upload: chunk out of order, size or hash mismatch, unknown upload.
+    BadUpload = 113,
+    /// The RPC backend failed; temporary when it timed out, was unreachable or answered 5xx.
+    BackendError = 114,
 }
 
 impl ErrorCode {
-    /// Whether retrying the same command later may succeed.
+    /// Whether retrying the same command later may succeed (for 114 it varies: the error
+    /// says).
     pub fn temporary(self) -> bool {
         matches!(
             self,

@@ -77,10 +77,14 @@ fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::UnknownChannel | ErrorCode::BadRequest | ErrorCode::AlreadySubscribed => {
             StatusCode::BAD_REQUEST
         }
-        ErrorCode::LimitExceeded => StatusCode::BAD_REQUEST,
+        ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::BrokerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::BlobNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::BlobTypeNotAllowed => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::BadUpload => StatusCode::BAD_REQUEST,
+        ErrorCode::BackendError => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -128,6 +132,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (&Method::POST, "/api/v1/publish") => "publish",
         (&Method::POST, "/api/v1/broadcast") => "broadcast",
         (&Method::POST, "/api/v1/disconnect") => "disconnect",
+        (&Method::POST, "/api/v1/blobs") => "blobs",
         (&Method::GET, "/api/v1/nodes") => "nodes",
         (&Method::GET, p) if p.ends_with("/history") => "history",
         (&Method::GET, p) if p.ends_with("/presence") => "presence",
@@ -181,6 +186,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
                 epoch: position.epoch,
             }))
         }
+        (Method::POST, "/api/v1/blobs") => upload_blob(node, req, query).await,
         (Method::POST, "/api/v1/broadcast") => {
             let body = read_body(node, req).await?;
             broadcast(node, &body).await
@@ -234,7 +240,10 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
 }
 
 async fn read_body(node: &Node, req: Request<Incoming>) -> Result<Bytes, CommandError> {
-    let limit = node.config.api.body_bytes;
+    read_body_up_to(req, node.config.api.body_bytes).await
+}
+
+async fn read_body_up_to(req: Request<Incoming>, limit: usize) -> Result<Bytes, CommandError> {
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(CommandError::new(
@@ -256,6 +265,7 @@ async fn publish_one(
         content_type: publish.content_type,
         idempotency_key: publish.idempotency_key,
         info: None,
+        blobs: publish.blobs,
     };
     node.channels
         .publish(channel, options, request, "api")
@@ -278,6 +288,8 @@ struct BroadcastRequest {
     content_type: String,
     #[serde(default)]
     idempotency_key: String,
+    #[serde(default)]
+    blobs: Vec<broker_proto::v1::BlobRef>,
 }
 
 #[derive(Serialize)]
@@ -317,6 +329,7 @@ async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandEr
             data: data.clone(),
             content_type: req.content_type.clone(),
             idempotency_key: req.idempotency_key.clone(),
+            blobs: req.blobs.clone(),
         };
         let result = match node.channels.resolve(name) {
             Ok((channel, options)) => publish_one(node, &channel, &options, publish).await,
@@ -343,4 +356,65 @@ async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandEr
         })
         .collect();
     Ok(ok(&BroadcastResponse { responses }))
+}
+
+/// `POST /api/v1/blobs?channel=C` with the image as the raw body and its `Content-Type`:
+/// checked like an upload over the WebSocket, stored, answered 201 `{"blob": BlobRef}`.
+async fn upload_blob(
+    node: &Node,
+    req: Request<Incoming>,
+    query: Option<&str>,
+) -> Result<Response<Body>, CommandError> {
+    use crate::blobs::{BlobId, BlobMeta, check_type, dimensions};
+    let name =
+        h::query_param(query, "channel").ok_or_else(|| bad_request("channel is required"))?;
+    let name = h::percent_decode(name).map_err(bad_param)?;
+    let (channel, options) = node.channels.resolve(&name)?;
+    let claimed = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let config = node.channels.blob_config().clone();
+    let limit = usize::try_from(config.max_bytes).unwrap_or(usize::MAX);
+    let bytes = read_body_up_to(req, limit).await?;
+    if bytes.is_empty() {
+        return Err(CommandError::new(ErrorCode::BadUpload, "empty body"));
+    }
+    let allowed = node.channels.blob_types(&options);
+    let kind = check_type(&bytes, &claimed, allowed)
+        .map_err(|e| CommandError::new(ErrorCode::BlobTypeNotAllowed, e.to_string()))?;
+    let id = BlobId::of(&bytes);
+    let (width, height) = dimensions(&bytes).unwrap_or((0, 0));
+    let meta = BlobMeta {
+        size: bytes.len() as u64,
+        content_type: kind.mime().to_owned(),
+        width,
+        height,
+    };
+    node.broker()
+        .blobs()
+        .put(&id, &meta, bytes, config.ttl)
+        .await
+        .inspect_err(|_| metrics::broker_error("blob"))?;
+    metrics::blob_upload("completed");
+    metrics::blob_bytes_stored(meta.size);
+    let url = node
+        .hub
+        .blob_urls()
+        .sign(id.as_str(), channel.as_str(), node.clock.unix_secs())
+        .unwrap_or_default();
+    let blob = broker_proto::v1::BlobRef {
+        id: id.to_string(),
+        size: meta.size,
+        content_type: meta.content_type,
+        url,
+        name: String::new(),
+        width,
+        height,
+    };
+    let body = serde_json::to_vec(&serde_json::json!({ "blob": blob }))
+        .map_err(|e| CommandError::new(ErrorCode::Internal, e.to_string()))?;
+    Ok(h::json(StatusCode::CREATED, body))
 }

@@ -1,26 +1,36 @@
 //! `Channels`: the channel operations clients and the HTTP API share — resolving a name to
 //! its namespace, and publish, history, presence and subscribe through the broker — with
-//! the checks both must apply (namespace exists, history/presence enabled, size limit)
-//! and the broker metrics recorded in one place.
+//! the checks both must apply (namespace exists, history/presence enabled, size limit,
+//! blobs that exist) and the broker metrics recorded in one place. Blob URLs in history
+//! pages are signed here, freshly, as the hub signs them for live delivery.
 
 use crate::{
+    blobs::{BlobId, KindSet},
     broker::{Broker, HistoryPage, Position, PublishRequest},
     channel::ChannelName,
-    config::{NamespaceOptions, Namespaces},
+    config::{BlobsConfig, NamespaceOptions, Namespaces},
     error::CommandError,
+    hub::Hub,
     metrics::{self, Metrics},
 };
-use broker_proto::{ErrorCode, v1::ClientInfo};
+use broker_proto::{
+    ErrorCode,
+    v1::{BlobRef, ClientInfo, Publication},
+};
 use std::{sync::Arc, time::Instant};
 
 /// A history request returns at most this many publications (recovery returns all that
 /// the namespace retains).
 pub const MAX_HISTORY_LIMIT: u32 = 10_000;
+/// A blob's name (a file name, for display) is at most this long.
+pub const MAX_BLOB_NAME: usize = 255;
 
 pub struct Channels {
     namespaces: Namespaces,
     broker: Arc<dyn Broker>,
     metrics: Metrics,
+    hub: Arc<Hub>,
+    blobs: BlobsConfig,
 }
 
 /// How many publications a history read returns.
@@ -33,12 +43,73 @@ pub enum Limit {
 }
 
 impl Channels {
-    pub fn new(namespaces: Namespaces, broker: Arc<dyn Broker>, metrics: Metrics) -> Self {
+    pub fn new(
+        namespaces: Namespaces,
+        broker: Arc<dyn Broker>,
+        metrics: Metrics,
+        hub: Arc<Hub>,
+        blobs: BlobsConfig,
+    ) -> Self {
         Self {
             namespaces,
             broker,
             metrics,
+            hub,
+            blobs,
         }
+    }
+
+    pub fn blob_config(&self) -> &BlobsConfig {
+        &self.blobs
+    }
+
+    /// The image types blobs for this namespace may have.
+    pub fn blob_types(&self, options: &NamespaceOptions) -> KindSet {
+        options.blob_types.unwrap_or(self.blobs.allowed_types)
+    }
+
+    pub fn sign(&self, publications: &mut [Publication]) {
+        for p in publications {
+            self.hub.sign_blobs(p);
+        }
+    }
+
+    /// A publish's blobs must name stored blobs (111); what the store knows of them
+    /// (size, type, dimensions) replaces what the client claimed.
+    async fn check_blobs(&self, blobs: &mut [BlobRef]) -> Result<(), CommandError> {
+        if blobs.len() > self.blobs.max_blobs_per_publication {
+            return Err(CommandError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "at most {} blobs per publication",
+                    self.blobs.max_blobs_per_publication
+                ),
+            ));
+        }
+        for blob in blobs {
+            let not_found =
+                || CommandError::new(ErrorCode::BlobNotFound, "no such blob (unknown or expired)");
+            let id = BlobId::parse(&blob.id).map_err(|_| not_found())?;
+            if blob.name.len() > MAX_BLOB_NAME {
+                return Err(CommandError::bad_request(format!(
+                    "a blob name is at most {MAX_BLOB_NAME} bytes"
+                )));
+            }
+            // Published blobs live at least `ttl_seconds` from their latest publication.
+            let meta = self
+                .broker
+                .blobs()
+                .meta(&id, Some(self.blobs.ttl))
+                .await
+                .inspect_err(|_| metrics::broker_error("blob"))?
+                .ok_or_else(not_found)?;
+            blob.size = meta.size;
+            blob.content_type = meta.content_type;
+            blob.width = meta.width;
+            blob.height = meta.height;
+            blob.url.clear();
+        }
+        Ok(())
     }
 
     pub fn broker(&self) -> &Arc<dyn Broker> {
@@ -62,9 +133,10 @@ impl Channels {
         &self,
         channel: &ChannelName,
         options: &NamespaceOptions,
-        request: PublishRequest,
+        mut request: PublishRequest,
         source: &'static str,
     ) -> Result<Position, CommandError> {
+        self.check_blobs(&mut request.blobs).await?;
         if request.data.len() > options.max_message_bytes {
             return Err(CommandError::new(
                 ErrorCode::MessageTooLarge,
@@ -103,11 +175,13 @@ impl Channels {
             Limit::Page(0) => MAX_HISTORY_LIMIT as usize,
             Limit::Page(n) => n.min(MAX_HISTORY_LIMIT) as usize,
         };
-        Ok(self
+        let mut page = self
             .broker
             .history(channel, options, since, limit)
             .await
-            .inspect_err(|_| metrics::broker_error("history"))?)
+            .inspect_err(|_| metrics::broker_error("history"))?;
+        self.sign(&mut page.publications);
+        Ok(page)
     }
 
     pub async fn position(&self, channel: &ChannelName) -> Result<Position, CommandError> {

@@ -3,7 +3,10 @@
 //! (transport, session, API, Redis, namespaces, auth) handed to the part that owns it.
 //! Every option is documented in the README, whose example file a test parses.
 
-use crate::channel::{ChannelError, ChannelName};
+use crate::{
+    blobs::KindSet,
+    channel::{ChannelError, ChannelName},
+};
 use clap::Parser;
 use serde::Deserialize;
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
@@ -35,6 +38,12 @@ pub struct Args {
     /// Log format
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Key signing blob URLs (every node must share it) [default: made once, kept in Redis]
+    #[arg(long, env = "GATEWAY_BLOB_SIGNING_KEY", hide_env_values = true)]
+    pub blob_signing_key: Option<String>,
+    /// Backend base URL for `rpc` commands (POST {url}/{method})
+    #[arg(long, env = "GATEWAY_RPC_URL")]
+    pub rpc_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -79,7 +88,102 @@ struct File {
     #[serde(default)]
     redis: RedisOptions,
     #[serde(default)]
+    blobs: BlobsFile,
+    #[serde(default)]
+    rpc: RpcFile,
+    #[serde(default)]
     namespaces: HashMap<String, NamespaceOptions>,
+}
+
+/// `[blobs]` as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct BlobsFile {
+    max_bytes: u64,
+    ttl_seconds: u64,
+    url_ttl_seconds: u64,
+    signing_key: Option<String>,
+    allowed_types: KindSet,
+    max_uploads_per_connection: usize,
+    max_downloads_per_connection: usize,
+    upload_budget_bytes: usize,
+    upload_idle_seconds: u64,
+    memory_store_bytes: usize,
+    max_blobs_per_publication: usize,
+}
+
+impl Default for BlobsFile {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 << 20,
+            ttl_seconds: 86_400,
+            url_ttl_seconds: 3_600,
+            signing_key: None,
+            allowed_types: KindSet::DEFAULT,
+            max_uploads_per_connection: 4,
+            max_downloads_per_connection: 4,
+            upload_budget_bytes: 256 << 20,
+            upload_idle_seconds: 30,
+            memory_store_bytes: 256 << 20,
+            max_blobs_per_publication: 16,
+        }
+    }
+}
+
+/// Images: limits of blobs and uploads, the store, signed URLs.
+#[derive(Debug, Clone)]
+pub struct BlobsConfig {
+    /// Largest blob (error 110 above it).
+    pub max_bytes: u64,
+    /// How long a stored blob lives (refreshed when it is stored again).
+    pub ttl: Duration,
+    /// How long a signed URL is valid (at least).
+    pub url_ttl: Duration,
+    pub signing_key: Option<String>,
+    /// Image types accepted where a namespace does not say (`blob_types`).
+    pub allowed_types: KindSet,
+    pub max_uploads_per_connection: usize,
+    pub max_downloads_per_connection: usize,
+    /// Bytes of unfinished uploads one node holds at most (error 106 above it).
+    pub upload_budget_bytes: usize,
+    /// An upload that gets no chunk for this long is dropped.
+    pub upload_idle: Duration,
+    /// Size of the embedded broker's blob store (LRU beyond it).
+    pub memory_store_bytes: usize,
+    pub max_blobs_per_publication: usize,
+}
+
+/// `[rpc]` as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RpcFile {
+    url: Option<String>,
+    timeout_ms: u64,
+    max_in_flight: usize,
+    max_response_bytes: usize,
+}
+
+impl Default for RpcFile {
+    fn default() -> Self {
+        Self {
+            url: None,
+            timeout_ms: 5_000,
+            max_in_flight: 4,
+            max_response_bytes: 10 << 20,
+        }
+    }
+}
+
+/// Request/reply to a backend over HTTP.
+#[derive(Debug, Clone)]
+pub struct RpcConfig {
+    /// Base URL (`http://host:port/path`); `rpc` is error 104 without one.
+    pub url: Option<String>,
+    pub timeout: Duration,
+    /// Calls in flight per connection (error 106 above it).
+    pub max_in_flight: usize,
+    /// Largest backend response (error 114 above it).
+    pub max_response_bytes: usize,
 }
 
 /// `[limits]` as written in the file: one flat table for compatibility. It is split by
@@ -248,6 +352,9 @@ pub struct NamespaceOptions {
     pub max_message_bytes: usize,
     /// When token keys are configured: whether clients without a token may use it.
     pub allow_anonymous: bool,
+    /// Image types blobs uploaded for this namespace may have (default: `[blobs]
+    /// allowed_types`).
+    pub blob_types: Option<KindSet>,
 }
 
 impl Default for NamespaceOptions {
@@ -260,6 +367,7 @@ impl Default for NamespaceOptions {
             allow_publish: true,
             max_message_bytes: 65_536,
             allow_anonymous: false,
+            blob_types: None,
         }
     }
 }
@@ -330,6 +438,8 @@ pub struct Config {
     pub drain: Duration,
     pub auth: AuthConfig,
     redis_options: RedisOptions,
+    pub blobs: BlobsConfig,
+    pub rpc: RpcConfig,
     pub namespaces: Namespaces,
 }
 
@@ -408,6 +518,32 @@ impl Config {
             drain: Duration::from_secs(l.drain_seconds),
             auth: file.auth,
             redis_options: file.redis,
+            blobs: BlobsConfig {
+                max_bytes: file.blobs.max_bytes,
+                ttl: Duration::from_secs(file.blobs.ttl_seconds.max(1)),
+                url_ttl: Duration::from_secs(file.blobs.url_ttl_seconds.max(1)),
+                signing_key: args
+                    .blob_signing_key
+                    .or(file.blobs.signing_key)
+                    .filter(|k| !k.is_empty()),
+                allowed_types: file.blobs.allowed_types,
+                max_uploads_per_connection: file.blobs.max_uploads_per_connection,
+                max_downloads_per_connection: file.blobs.max_downloads_per_connection,
+                upload_budget_bytes: file.blobs.upload_budget_bytes,
+                upload_idle: Duration::from_secs(file.blobs.upload_idle_seconds.max(1)),
+                memory_store_bytes: file.blobs.memory_store_bytes,
+                max_blobs_per_publication: file.blobs.max_blobs_per_publication,
+            },
+            rpc: RpcConfig {
+                url: args
+                    .rpc_url
+                    .or(file.rpc.url)
+                    .filter(|u| !u.is_empty())
+                    .map(|u| u.trim_end_matches('/').to_owned()),
+                timeout: Duration::from_millis(file.rpc.timeout_ms.max(1)),
+                max_in_flight: file.rpc.max_in_flight,
+                max_response_bytes: file.rpc.max_response_bytes,
+            },
             namespaces: Namespaces::new(file.namespaces),
         }
     }
@@ -450,6 +586,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "redis_url: either redis:// servers to shard over, or redis+cluster:// seeds of one cluster".into(),
             ));
+        }
+        if let Some(url) = &self.rpc.url
+            && !url.starts_with("http://")
+        {
+            return Err(ConfigError::Invalid(format!(
+                "rpc.url {url:?} must be an http:// URL"
+            )));
         }
         for name in self.namespaces.names() {
             if name.is_empty()

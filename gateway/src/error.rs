@@ -12,6 +12,8 @@ pub struct CommandError {
     pub message: String,
     /// Close the connection with this code after replying.
     pub close: Option<CloseCode>,
+    /// Whether a retry may succeed, where the code alone does not say (114).
+    temporary: Option<bool>,
 }
 
 impl CommandError {
@@ -20,7 +22,21 @@ impl CommandError {
             code,
             message: message.into(),
             close: None,
+            temporary: None,
         }
+    }
+
+    /// An RPC backend failure (114), temporary or not.
+    pub fn backend(message: impl Into<String>, temporary: bool) -> Self {
+        Self {
+            temporary: Some(temporary),
+            ..Self::new(ErrorCode::BackendError, message)
+        }
+    }
+
+    /// Whether retrying the same command later may succeed.
+    pub fn temporary(&self) -> bool {
+        self.temporary.unwrap_or_else(|| self.code.temporary())
     }
 
     /// An error after which the connection closes with `close`.

@@ -9,16 +9,19 @@
 pub mod api;
 pub mod auth;
 pub mod backoff;
+pub mod blobs;
 pub mod broker;
 pub mod channel;
 pub mod channels;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod rpc;
 pub mod session;
 pub mod shutdown;
 pub mod transport;
@@ -44,12 +47,21 @@ pub enum StartError {
 pub async fn run(config: config::Config) -> Result<(), StartError> {
     let (metrics, prometheus) = metrics::Metrics::install();
     let clock = clock::Clock::system();
-    let hub = Arc::new(hub::Hub::new(metrics.clone()));
+    let blob_urls = Arc::new(blobs::signing::UrlSigner::new(config.blobs.url_ttl));
+    if let Some(key) = &config.blobs.signing_key {
+        blob_urls.set_key(key.as_bytes());
+    }
+    let hub = Arc::new(hub::Hub::with_blob_urls(
+        metrics.clone(),
+        blob_urls.clone(),
+        clock.clone(),
+    ));
     let broker: Arc<dyn Broker> = match config.redis() {
-        None => Arc::new(broker::memory::MemoryBroker::new(
+        None => Arc::new(broker::memory::MemoryBroker::with_blob_store(
             hub.clone(),
             config.namespaces.clone(),
             clock.clone(),
+            config.blobs.memory_store_bytes,
         )),
         Some(redis) => broker::redis::RedisBroker::new(
             redis,
@@ -59,6 +71,20 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
             clock.clone(),
         )?,
     };
+    if !blob_urls.ready() {
+        // Every node must sign blob URLs with the same key: without a configured one,
+        // the first node to ask makes it and the broker keeps it (Redis) for the others.
+        let (broker, blob_urls) = (broker.clone(), blob_urls.clone());
+        tokio::spawn(async move {
+            loop {
+                match broker.shared_secret("blob-signing-key").await {
+                    Ok(key) => return blob_urls.set_key(&key),
+                    Err(e) => tracing::warn!(error = %e, "fetching the blob signing key; retrying"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
     let verifier = auth::Verifier::new(&config.auth)?;
     let node = Arc::new(node::Node::new(
         config, hub, broker, verifier, metrics, clock,

@@ -187,6 +187,42 @@ pub fn layout_mismatch(mismatch: bool) {
     gauge!("gateway_redis_layout_mismatch").set(if mismatch { 1.0 } else { 0.0 });
 }
 
+/// A blob dropped from the embedded store: `lru` (room for a new one) or `ttl`.
+pub fn blob_eviction(reason: &'static str) {
+    counter!("gateway_blob_store_evictions_total", "reason" => reason).increment(1);
+}
+
+/// Bytes the embedded blob store holds.
+pub fn blob_store_bytes(bytes: usize) {
+    gauge!("gateway_blob_store_bytes").set(bytes as f64);
+}
+
+/// An upload `started`, `completed`, found `known` (skipped), or `aborted`.
+pub fn blob_upload(outcome: &'static str) {
+    counter!("gateway_blob_uploads_total", "outcome" => outcome).increment(1);
+}
+
+/// Bytes of unfinished uploads held in memory.
+pub fn upload_bytes(bytes: usize) {
+    gauge!("gateway_blob_upload_bytes").set(bytes as f64);
+}
+
+pub fn blob_bytes_stored(bytes: u64) {
+    counter!("gateway_blob_bytes_stored_total").increment(bytes);
+}
+
+/// Blob bytes sent to clients, over the WebSocket (`ws`) or plain HTTP (`http`).
+pub fn blob_bytes_served(via: &'static str, bytes: u64) {
+    counter!("gateway_blob_bytes_served_total", "via" => via).increment(bytes);
+}
+
+/// One RPC call: its latency and outcome (`ok`, `client_error`, `server_error`,
+/// `timeout`, `unreachable`, `too_large`).
+pub fn rpc(took: std::time::Duration, outcome: &'static str) {
+    histogram!("gateway_rpc_seconds").record(took.as_secs_f64());
+    counter!("gateway_rpc_calls_total", "outcome" => outcome).increment(1);
+}
+
 /// One presence refresh and expiry pass over this node's entries.
 pub fn presence_upkeep(took: std::time::Duration) {
     histogram!("gateway_presence_upkeep_seconds").record(took.as_secs_f64());

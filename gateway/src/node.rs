@@ -4,12 +4,14 @@
 
 use crate::{
     auth::Verifier,
+    blobs::upload::Budget,
     broker::{Broker, NodeInfo},
     channels::Channels,
     clock::Clock,
     config::Config,
     hub::Hub,
     metrics::Metrics,
+    rpc::RpcClient,
     session,
 };
 use std::sync::{
@@ -52,6 +54,8 @@ impl Node {
             config.namespaces.clone(),
             broker,
             metrics.clone(),
+            hub.clone(),
+            config.blobs.clone(),
         ));
         let verifier = Arc::new(verifier);
         let sessions = Arc::new(session::Context::new(
@@ -61,6 +65,8 @@ impl Node {
             clock.clone(),
             config.session.clone(),
             config.node_id.clone(),
+            Arc::new(RpcClient::new(config.rpc.clone())),
+            Budget::new(config.blobs.upload_budget_bytes),
         ));
         Self {
             hub,
@@ -99,7 +105,7 @@ impl Node {
     }
 
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker().ready()
+        !self.is_draining() && self.broker().ready() && self.hub.blob_urls().ready()
     }
 
     /// Starts draining: readiness fails and no new sockets are accepted.

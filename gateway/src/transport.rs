@@ -5,6 +5,7 @@
 use crate::{
     api,
     auth::AuthError,
+    files,
     http::{Body, full, query_param, response, text},
     metrics,
     node::Node,
@@ -87,6 +88,9 @@ async fn route(
             metrics::render(prometheus),
         ),
         _ if path.starts_with("/api/") => api::call(api, req).await,
+        (&Method::GET | &Method::HEAD, p) if p.starts_with("/blobs/") => {
+            files::serve(node, req.method(), path, req.uri().query(), req.headers()).await
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

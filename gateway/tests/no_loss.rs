@@ -446,8 +446,9 @@ async fn replies_only_for_ids_and_no_stale_push_after_resubscribing() {
 async fn pubsub_kills_under_load_never_rotate_a_healthy_epoch() {
     let redis = Redis::start(false);
     let config = format!(
-        "{FAST}pubsub_connections = 1\n[limits]\ncommands_per_second = 1000000\ncommand_burst = 1000000\nmax_channels_per_connection = 256\n"
+        "{FAST}pubsub_connections = 1\n[limits]\ncommands_per_second = 1000000\ncommand_burst = 1000000\nmax_channels_per_connection = 256\noutbound_queue_bytes = 268435456\n"
     );
+    // The subscriber reads only once publishing stops: its queue must hold everything.
     let nodes = nodes(&redis.url(), 1, &config);
     let channels: Vec<String> = (0..200).map(|i| format!("c{i}")).collect();
     let mut sub = nodes[0].client(Encoding::Proto).await;

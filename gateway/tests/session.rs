@@ -92,6 +92,7 @@ async fn every_command_in_both_encodings() {
                 data: data.to_vec().into(),
                 content_type: "application/octet-stream".into(),
                 idempotency_key: String::new(),
+                blobs: Vec::new(),
             }))
             .await;
         let Body::Publish(p) = ok(reply) else {

@@ -12,6 +12,7 @@
 //! channel: order, gaps, epochs) and [`subscriptions`] (per pub/sub connection: reference
 //! counts, delayed unsubscribe, re-subscribe after reconnect).
 
+pub mod blobs;
 pub mod history;
 pub mod memory;
 pub mod presence;
@@ -21,7 +22,10 @@ pub mod tracker;
 
 use crate::{channel::ChannelName, config::NamespaceOptions};
 use async_trait::async_trait;
-use broker_proto::{ErrorCode, v1::ClientInfo};
+use broker_proto::{
+    ErrorCode,
+    v1::{BlobRef, ClientInfo},
+};
 use bytes::Bytes;
 use std::time::Duration;
 
@@ -40,6 +44,8 @@ pub struct PublishRequest {
     pub idempotency_key: String,
     /// The publishing client; `None` for the HTTP API.
     pub info: Option<ClientInfo>,
+    /// Stored blobs the publication refers to (checked and filled in by `Channels`).
+    pub blobs: Vec<BlobRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +128,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Periodic housekeeping, every few seconds: the node registry heartbeat, presence
     /// refresh, forgetting idle channels.
     async fn upkeep(&self, this: &NodeInfo);
+
+    /// Where blobs are stored.
+    fn blobs(&self) -> &dyn blobs::BlobStore;
+
+    /// A random secret every node shares (made once by whichever node asks first):
+    /// the blob URL signing key when none is configured.
+    async fn shared_secret(&self, name: &str) -> Result<Vec<u8>, BrokerError>;
 
     /// Whether the broker can serve requests now (`/readyz`).
     fn ready(&self) -> bool {

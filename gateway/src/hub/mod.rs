@@ -8,7 +8,7 @@
 
 pub mod outbox;
 
-use crate::metrics::Metrics;
+use crate::{blobs::signing::UrlSigner, clock::Clock, metrics::Metrics};
 use broker_proto::{
     CloseCode, Encoding, encode_frame,
     v1::{Publication, Reset, ServerFrame, server_frame::Body},
@@ -36,6 +36,13 @@ pub struct Stream {
 impl Stream {
     pub fn new(channel: Arc<str>, epoch: String) -> Self {
         Self { channel, epoch }
+    }
+
+    /// The stream of frames that belong to no channel (replies made off the session).
+    pub fn none() -> Arc<Self> {
+        static NONE: std::sync::OnceLock<Arc<Stream>> = std::sync::OnceLock::new();
+        NONE.get_or_init(|| Arc::new(Stream::new("".into(), String::new())))
+            .clone()
     }
 }
 
@@ -66,6 +73,9 @@ pub struct Hub {
     sessions: Mutex<HashMap<SessionId, LiveSession>>,
     hasher: RandomState,
     metrics: Metrics,
+    /// Signs the URLs of a publication's blobs, once per node per publication.
+    urls: Arc<UrlSigner>,
+    clock: Clock,
 }
 
 /// What [`Hub::subscribe`] / [`Hub::unsubscribe`] changed.
@@ -78,13 +88,42 @@ pub enum Membership {
 }
 
 impl Hub {
+    /// A hub whose blob URLs stay unsigned until a key is set on its signer.
     pub fn new(metrics: Metrics) -> Self {
+        Self::with_blob_urls(
+            metrics,
+            Arc::new(UrlSigner::new(std::time::Duration::from_secs(3600))),
+            Clock::system(),
+        )
+    }
+
+    pub fn with_blob_urls(metrics: Metrics, urls: Arc<UrlSigner>, clock: Clock) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             sessions: Mutex::default(),
             hasher: RandomState::new(),
             metrics,
+            urls,
+            clock,
         }
+    }
+
+    /// Fills in signed, expiring URLs for a publication's blobs (live delivery, history
+    /// and recovery replies alike).
+    pub fn sign_blobs(&self, publication: &mut Publication) {
+        if publication.blobs.is_empty() {
+            return;
+        }
+        let now = self.clock.unix_secs();
+        for blob in &mut publication.blobs {
+            if let Some(url) = self.urls.sign(&blob.id, &publication.channel, now) {
+                blob.url = url;
+            }
+        }
+    }
+
+    pub fn blob_urls(&self) -> &Arc<UrlSigner> {
+        &self.urls
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<SessionId, LiveSession>> {
@@ -174,7 +213,8 @@ impl Hub {
 
     /// Queues a publication to every local subscriber of its channel; returns how many
     /// got it. Callers deliver one channel's publications in offset order.
-    pub fn deliver(&self, publication: Publication) -> usize {
+    pub fn deliver(&self, mut publication: Publication) -> usize {
+        self.sign_blobs(&mut publication);
         let frame = push(Body::Publication(publication));
         let Some(Body::Publication(p)) = &frame.body else {
             return 0;

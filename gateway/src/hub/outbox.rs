@@ -2,6 +2,11 @@
 //! connection's task, which writes everything queued in one go. When the queue would
 //! exceed its byte budget the connection is marked a slow consumer (4008): dropping
 //! silently would be a lost message, so the client is made to reconnect and recover.
+//!
+//! Two lanes: pushes and replies, drained whole every time; and a bulk lane for blob
+//! chunks, of which each drain takes a bounded amount, so small frames always go first and
+//! chunks interleave between them. The bulk lane counts against the same budget; a
+//! download waits for room in it ([`Outbox::wait_bulk_room`]) instead of filling it.
 
 use super::Stream;
 use broker_proto::CloseCode;
@@ -21,6 +26,8 @@ pub enum ItemKind {
     Reset,
     /// A push without an offset (Join, Leave).
     Push,
+    /// A reply made off the connection's task (an RPC answer, a download error).
+    Reply,
 }
 
 /// One queued push: a frame already encoded for this connection's encoding, shared with
@@ -49,13 +56,17 @@ pub enum Pushed {
 #[derive(Default)]
 struct State {
     items: VecDeque<OutItem>,
+    bulk: VecDeque<Bytes>,
     bytes: usize,
+    bulk_bytes: usize,
     close: Option<CloseCode>,
 }
 
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when the bulk lane shrinks or the connection closes.
+    bulk_drained: Notify,
     limit_bytes: usize,
 }
 
@@ -64,6 +75,7 @@ impl Outbox {
         Self {
             state: Mutex::default(),
             notify: Notify::new(),
+            bulk_drained: Notify::new(),
             limit_bytes,
         }
     }
@@ -96,6 +108,69 @@ impl Outbox {
         Pushed::Queued
     }
 
+    /// Queues a reply made elsewhere (RPC, downloads). Replies are bounded by what
+    /// produces them (calls and downloads in flight), not by the push budget, so an
+    /// answer larger than the budget still goes out.
+    pub fn push_reply(&self, frame: Bytes) -> Pushed {
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return Pushed::Closed;
+        }
+        let wake = s.items.is_empty() && s.bulk.is_empty();
+        s.items.push_back(OutItem {
+            stream: Stream::none(),
+            generation: 0,
+            kind: ItemKind::Reply,
+            offset: 0,
+            frame,
+        });
+        drop(s);
+        if wake {
+            self.notify.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Queues a blob chunk on the bulk lane.
+    pub fn push_bulk(&self, frame: Bytes) -> Pushed {
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return Pushed::Closed;
+        }
+        let len = frame.len();
+        if s.bytes + len > self.limit_bytes {
+            s.close = Some(CloseCode::SlowConsumer);
+            drop(s);
+            self.notify.notify_one();
+            self.bulk_drained.notify_waiters();
+            return Pushed::Overflow;
+        }
+        let wake = s.items.is_empty() && s.bulk.is_empty();
+        s.bytes += len;
+        s.bulk_bytes += len;
+        s.bulk.push_back(frame);
+        drop(s);
+        if wake {
+            self.notify.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Resolves when the bulk lane holds fewer than `below` bytes, or the connection is
+    /// closing (check [`Outbox::closing`]).
+    pub async fn wait_bulk_room(&self, below: usize) {
+        loop {
+            let drained = self.bulk_drained.notified();
+            {
+                let s = self.lock();
+                if s.bulk_bytes < below || s.close.is_some() {
+                    return;
+                }
+            }
+            drained.await;
+        }
+    }
+
     /// Asks the session to close with `code`; the first request wins.
     pub fn close(&self, code: CloseCode) {
         let mut s = self.lock();
@@ -103,6 +178,7 @@ impl Outbox {
             s.close = Some(code);
             drop(s);
             self.notify.notify_one();
+            self.bulk_drained.notify_waiters();
         }
     }
 
@@ -115,8 +191,32 @@ impl Outbox {
     pub fn drain(&self, into: &mut VecDeque<OutItem>) -> Option<CloseCode> {
         let mut s = self.lock();
         std::mem::swap(&mut s.items, into);
-        s.bytes = 0;
+        s.bytes = s.bulk_bytes;
         s.close
+    }
+
+    /// Moves up to about `max_bytes` of bulk frames into `into`; if some remain, the
+    /// session is woken again so they follow on its next turn.
+    pub fn drain_bulk(&self, into: &mut Vec<Bytes>, max_bytes: usize) {
+        let mut s = self.lock();
+        let mut taken = 0;
+        while taken < max_bytes {
+            let Some(frame) = s.bulk.pop_front() else {
+                break;
+            };
+            taken += frame.len();
+            into.push(frame);
+        }
+        s.bulk_bytes -= taken;
+        s.bytes -= taken;
+        let more = !s.bulk.is_empty();
+        drop(s);
+        if taken > 0 {
+            self.bulk_drained.notify_waiters();
+        }
+        if more {
+            self.notify.notify_one();
+        }
     }
 
     /// Resolves when something was pushed or a close was requested.
@@ -148,6 +248,54 @@ mod tests {
         let mut out = VecDeque::new();
         assert_eq!(o.drain(&mut out), Some(CloseCode::SlowConsumer));
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn bulk_frames_go_out_a_little_at_a_time_after_everything_else() {
+        let o = Outbox::new(1000);
+        assert_eq!(o.push_bulk(Bytes::from(vec![1; 100])), Pushed::Queued);
+        assert_eq!(o.push_bulk(Bytes::from(vec![2; 100])), Pushed::Queued);
+        assert_eq!(o.push(item(10)), Pushed::Queued);
+        let (mut items, mut bulk) = (VecDeque::new(), Vec::new());
+        o.drain(&mut items);
+        o.drain_bulk(&mut bulk, 100);
+        assert_eq!((items.len(), bulk.len()), (1, 1), "one chunk per turn");
+        assert_eq!(o.push(item(10)), Pushed::Queued);
+        items.clear();
+        bulk.clear();
+        o.drain(&mut items);
+        o.drain_bulk(&mut bulk, 100);
+        assert_eq!(
+            (items.len(), bulk[0][0]),
+            (1, 2),
+            "the small one still first"
+        );
+        assert_eq!(o.push_bulk(Bytes::from(vec![3; 1001])), Pushed::Overflow);
+    }
+
+    #[tokio::test]
+    async fn a_download_waits_for_room_in_the_bulk_lane() {
+        let o = std::sync::Arc::new(Outbox::new(10_000));
+        o.push_bulk(Bytes::from(vec![0; 300]));
+        let waiting = tokio::spawn({
+            let o = o.clone();
+            async move { o.wait_bulk_room(200).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let mut bulk = Vec::new();
+        o.drain_bulk(&mut bulk, 1000);
+        waiting.await.unwrap();
+    }
+
+    #[test]
+    fn replies_are_not_bounded_by_the_push_budget() {
+        let o = Outbox::new(100);
+        assert_eq!(o.push_reply(Bytes::from(vec![0; 1000])), Pushed::Queued);
+        assert_eq!(o.push(item(60)), Pushed::Queued);
+        let mut out = VecDeque::new();
+        assert_eq!(o.drain(&mut out), None);
+        assert_eq!(out[0].kind, ItemKind::Reply);
     }
 
     #[test]

@@ -18,10 +18,13 @@ use broker_proto::{
 };
 
 impl SessionCore {
+    /// Runs one command; `Ok(None)` means its answer comes later (blob chunks, an RPC
+    /// result), made off this task and tagged with `id`.
     pub(super) async fn dispatch(
         &mut self,
+        id: u32,
         command: Option<Command>,
-    ) -> Result<Body, CommandError> {
+    ) -> Result<Option<Body>, CommandError> {
         let Some(command) = command else {
             metrics::command("unknown");
             return Err(CommandError::bad_request("frame carries no known command"));
@@ -29,37 +32,67 @@ impl SessionCore {
         match command {
             Command::Connect(c) => {
                 metrics::command("connect");
-                self.connect(c)
+                self.connect(c).map(Some)
             }
             Command::Subscribe(s) => {
                 metrics::command("subscribe");
-                self.subscribe(s).await
+                self.subscribe(s).await.map(Some)
             }
             Command::Unsubscribe(u) => {
                 metrics::command("unsubscribe");
-                self.unsubscribe(u).await
+                self.unsubscribe(u).await.map(Some)
             }
             Command::Publish(p) => {
                 metrics::command("publish");
-                self.publish(p).await
+                self.publish(p).await.map(Some)
             }
             Command::Presence(p) => {
                 metrics::command("presence");
-                self.presence(p).await
+                self.presence(p).await.map(Some)
             }
             Command::History(h) => {
                 metrics::command("history");
-                self.history(h).await
+                self.history(h).await.map(Some)
             }
             Command::Ping(_) => {
                 metrics::command("ping");
-                Ok(Body::Pong(Default::default()))
+                Ok(Some(Body::Pong(Default::default())))
+            }
+            Command::BlobPut(put) => {
+                metrics::command("blob_put");
+                self.blob_put(put).await.map(Some)
+            }
+            Command::BlobGet(get) => {
+                metrics::command("blob_get");
+                self.blob_get(id, get).await.map(|()| None)
+            }
+            Command::Rpc(call) => {
+                metrics::command("rpc");
+                self.rpc(id, call).map(|()| None)
             }
         }
     }
 
+    /// Validates a channel name and checks that this client may publish there (and so
+    /// upload images for it).
+    pub(super) fn authorize_publish(
+        &self,
+        name: &str,
+    ) -> Result<(ChannelName, NamespaceOptions), CommandError> {
+        let (channel, options) = self.authorize(name)?;
+        if !options.allow_publish {
+            return Err(CommandError::permission_denied(
+                "clients may not publish in this namespace",
+            ));
+        }
+        Ok((channel, options))
+    }
+
     /// Validates a channel name and checks that this client may use it.
-    fn authorize(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), CommandError> {
+    pub(super) fn authorize(
+        &self,
+        name: &str,
+    ) -> Result<(ChannelName, NamespaceOptions), CommandError> {
         let (channel, options) = self.ctx.channels.resolve(name)?;
         if self.ctx.verifier.enabled() && self.identity.is_none() && !options.allow_anonymous {
             return Err(CommandError::new(
@@ -257,17 +290,13 @@ impl SessionCore {
     }
 
     async fn publish(&mut self, request: Publish) -> Result<Body, CommandError> {
-        let (channel, options) = self.authorize(&request.channel)?;
-        if !options.allow_publish {
-            return Err(CommandError::permission_denied(
-                "clients may not publish in this namespace",
-            ));
-        }
+        let (channel, options) = self.authorize_publish(&request.channel)?;
         let publish = PublishRequest {
             data: request.data,
             content_type: request.content_type,
             idempotency_key: request.idempotency_key,
             info: Some(self.info()),
+            blobs: request.blobs,
         };
         let position = self
             .ctx

@@ -4,10 +4,12 @@
 
 use crate::{
     auth::Verifier,
+    blobs::upload::Budget,
     channels::Channels,
     clock::Clock,
     config::SessionConfig,
     hub::{Hub, SessionId},
+    rpc::RpcClient,
 };
 use std::sync::{
     Arc,
@@ -22,12 +24,16 @@ pub struct Context {
     pub config: SessionConfig,
     /// This node's name, reported in `ConnectResult`.
     pub node_id: String,
+    pub rpc: Arc<RpcClient>,
+    /// Bytes of unfinished uploads the whole node may hold.
+    pub upload_budget: Arc<Budget>,
     next_session: AtomicU64,
     /// Makes client ids unique across nodes and restarts.
     client_prefix: String,
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         hub: Arc<Hub>,
         channels: Arc<Channels>,
@@ -35,6 +41,8 @@ impl Context {
         clock: Clock,
         config: SessionConfig,
         node_id: String,
+        rpc: Arc<RpcClient>,
+        upload_budget: Arc<Budget>,
     ) -> Self {
         Self {
             hub,
@@ -43,6 +51,8 @@ impl Context {
             clock,
             config,
             node_id,
+            rpc,
+            upload_budget,
             next_session: AtomicU64::new(1),
             client_prefix: format!("{:08x}", rand::random::<u32>()),
         }

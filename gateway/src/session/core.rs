@@ -13,6 +13,7 @@ use super::{
 };
 use crate::{
     auth::Identity,
+    blobs::upload::{Limits as UploadLimits, Uploads},
     error::CommandError,
     hub::{
         SessionId,
@@ -27,11 +28,18 @@ use broker_proto::{
     },
 };
 use bytes::Bytes;
-use std::{collections::VecDeque, sync::Arc, time::Instant};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Instant,
+};
 
 /// Pushes are packed into WebSocket messages of about this size: large enough that one
 /// write carries many small publications, small enough to stay modest per connection.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024;
+/// Blob chunk bytes written per turn at most, after everything else queued: small frames
+/// never wait behind an image.
+const BULK_PER_TURN: usize = 128 * 1024;
 
 /// What the passing of time asks of the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +59,11 @@ pub struct SessionCore {
     pub(super) connected: bool,
     pub(super) outbox: Arc<Outbox>,
     pub(super) subscriptions: Subscriptions,
+    pub(super) uploads: Uploads,
+    /// Downloads and RPC calls in flight on this connection (their tasks hold a count).
+    pub(super) downloads: Arc<AtomicUsize>,
+    pub(super) rpcs: Arc<AtomicUsize>,
+    bulk: Vec<Bytes>,
     /// Replies and per-session pushes waiting for the next write, already packed.
     replies: Batch,
     drained: VecDeque<OutItem>,
@@ -79,6 +92,17 @@ impl SessionCore {
             identity,
             connected: false,
             subscriptions: Subscriptions::default(),
+            uploads: Uploads::new(
+                UploadLimits {
+                    max_bytes: ctx.channels.blob_config().max_bytes,
+                    max_uploads: ctx.channels.blob_config().max_uploads_per_connection,
+                    idle: ctx.channels.blob_config().upload_idle,
+                },
+                ctx.upload_budget.clone(),
+            ),
+            downloads: Arc::default(),
+            rpcs: Arc::default(),
+            bulk: Vec::new(),
             replies: Batch::new(encoding, 0),
             drained: VecDeque::new(),
             bucket: TokenBucket::new(config.commands_per_second, config.command_burst, now),
@@ -152,13 +176,17 @@ impl SessionCore {
         expiry.map_or(self.next_ping, |e| e.min(self.next_ping))
     }
 
-    /// Pings, the idle timeout and token expiry.
+    /// Pings, the idle timeout, token expiry, abandoned uploads.
     pub fn on_timer(&mut self, now: Instant) -> Tick {
         if self.token_expired() {
             return Tick::Close(CloseCode::TokenExpired);
         }
         if now < self.next_ping {
             return Tick::Nothing;
+        }
+        let abandoned = self.uploads.expire(now);
+        for _ in 0..abandoned {
+            metrics::blob_upload("aborted");
         }
         let every = self.ctx.config.ping_interval;
         if now.saturating_duration_since(self.last_heard) > every * 2 {
@@ -207,23 +235,20 @@ impl SessionCore {
             return self.reply(id, Err(limited));
         }
         self.strikes = 0;
-        let result = self.dispatch(frame.command).await;
+        let result = self.dispatch(id, frame.command).await;
         self.reply(id, result)
     }
 
     /// Queues the reply (only for `id > 0`: a reply to 0 could not be matched to its
-    /// command); returns the close an error asks for.
-    fn reply(&mut self, id: u32, result: Result<Body, CommandError>) -> Option<CloseCode> {
+    /// command; `Ok(None)`: the answer comes later, off this task); returns the close an
+    /// error asks for.
+    fn reply(&mut self, id: u32, result: Result<Option<Body>, CommandError>) -> Option<CloseCode> {
         let (body, error, close) = match result {
-            Ok(body) => (Some(body), None, None),
+            Ok(None) => return None,
+            Ok(Some(body)) => (Some(body), None, None),
             Err(e) => {
-                metrics::command_error(e.code.code());
-                let error = WireError {
-                    code: e.code.code(),
-                    message: e.message,
-                    temporary: e.code.temporary(),
-                };
-                (None, Some(error), e.close)
+                let (error, close) = wire_error(e);
+                (None, Some(error), close)
             }
         };
         if id > 0 {
@@ -249,6 +274,13 @@ impl SessionCore {
                 out.push(self.replies.take());
             }
             self.replies.push(&item.frame);
+        }
+        self.outbox.drain_bulk(&mut self.bulk, BULK_PER_TURN);
+        for frame in self.bulk.drain(..) {
+            if !self.replies.is_empty() && self.replies.len() + frame.len() > MAX_BATCH_BYTES {
+                out.push(self.replies.take());
+            }
+            self.replies.push(&frame);
         }
         if !self.replies.is_empty() {
             out.push(self.replies.take());
@@ -281,4 +313,15 @@ impl SessionCore {
         }
         self.ctx.hub.unregister(self.id);
     }
+}
+
+/// The wire form of a command error (and the close it asks for), counted in metrics.
+pub(super) fn wire_error(e: CommandError) -> (WireError, Option<CloseCode>) {
+    metrics::command_error(e.code.code());
+    let error = WireError {
+        code: e.code.code(),
+        temporary: e.temporary(),
+        message: e.message,
+    };
+    (error, e.close)
 }

@@ -9,6 +9,7 @@ mod commands;
 pub mod connection;
 pub mod context;
 pub mod core;
+mod media;
 mod rate;
 pub mod subscriptions;
 #[cfg(test)]

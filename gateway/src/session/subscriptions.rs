@@ -90,6 +90,9 @@ impl Subscriptions {
 
     /// Whether `item` goes to the client; updates the subscription's position.
     pub fn admit(&mut self, item: &OutItem) -> Admit {
+        if item.kind == ItemKind::Reply {
+            return Admit::Deliver;
+        }
         let stream: &Stream = &item.stream;
         let Some(sub) = self.map.get_mut(&*stream.channel) else {
             return Admit::Skip;
@@ -98,7 +101,7 @@ impl Subscriptions {
             return Admit::Skip;
         }
         match item.kind {
-            ItemKind::Push => Admit::Deliver,
+            ItemKind::Push | ItemKind::Reply => Admit::Deliver,
             ItemKind::Reset if sub.epoch == stream.epoch => Admit::Skip,
             ItemKind::Reset => {
                 sub.epoch.clone_from(&stream.epoch);

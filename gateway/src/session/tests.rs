@@ -46,6 +46,8 @@ fn node(namespaces: &[(&str, NamespaceOptions)]) -> Node {
         namespaces,
         broker.clone() as Arc<dyn Broker>,
         Metrics::detached(),
+        hub.clone(),
+        Config::default().blobs,
     ));
     let mut config = Config::default().session;
     config.commands_per_second = 1_000_000;
@@ -57,6 +59,8 @@ fn node(namespaces: &[(&str, NamespaceOptions)]) -> Node {
         Clock::system(),
         config,
         "test".into(),
+        Arc::new(crate::rpc::RpcClient::new(Config::default().rpc)),
+        crate::blobs::upload::Budget::new(1 << 20),
     ));
     Node { hub, broker, ctx }
 }

@@ -81,6 +81,7 @@ impl ChannelLog {
             content_type: request.content_type,
             info: request.info,
             time_unix_ms: unix_ms,
+            blobs: request.blobs,
         };
         let position = Position { offset, epoch };
         if history {

@@ -7,6 +7,7 @@
 //! is forgotten only when it has been idle long enough *and* no local session subscribes
 //! to it: a subscriber is never left holding offsets of a stream that quietly restarted.
 
+pub mod blobs;
 mod log;
 
 pub use log::{Appended, ChannelLog, MIN_IDEMPOTENCY_TTL};
@@ -54,16 +55,34 @@ pub struct MemoryBroker {
     clock: Clock,
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
+    blobs: blobs::MemoryBlobs,
+    /// Secrets are this process's own: there is no other node to share them with.
+    secrets: Mutex<HashMap<String, Vec<u8>>>,
 }
+
+/// The blob store's size when none is configured (tests).
+const DEFAULT_BLOB_BYTES: usize = 256 << 20;
 
 impl MemoryBroker {
     pub fn new(hub: Arc<Hub>, namespaces: Namespaces, clock: Clock) -> Self {
+        Self::with_blob_store(hub, namespaces, clock, DEFAULT_BLOB_BYTES)
+    }
+
+    /// With an embedded blob store of `blob_bytes` bytes.
+    pub fn with_blob_store(
+        hub: Arc<Hub>,
+        namespaces: Namespaces,
+        clock: Clock,
+        blob_bytes: usize,
+    ) -> Self {
         Self {
             hub,
             namespaces,
+            blobs: blobs::MemoryBlobs::new(blob_bytes, clock.clone()),
             clock,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
+            secrets: Mutex::default(),
         }
     }
 
@@ -213,6 +232,18 @@ impl Broker for MemoryBroker {
 
     async fn upkeep(&self, _this: &NodeInfo) {
         self.sweep(self.clock.now());
+    }
+
+    fn blobs(&self) -> &dyn super::blobs::BlobStore {
+        &self.blobs
+    }
+
+    async fn shared_secret(&self, name: &str) -> Result<Vec<u8>, BrokerError> {
+        let mut secrets = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(secrets
+            .entry(name.to_owned())
+            .or_insert_with(|| rand::random::<[u8; 32]>().to_vec())
+            .clone())
     }
 }
 

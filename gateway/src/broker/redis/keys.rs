@@ -56,6 +56,21 @@ impl Keys {
         format!("{}control", self.prefix)
     }
 
+    /// A blob's bytes, under the blob's own hash tag.
+    pub fn blob(&self, id: &str) -> String {
+        format!("{}blob:{{{id}}}", self.prefix)
+    }
+
+    /// A blob's meta (size, type, dimensions).
+    pub fn blob_meta(&self, id: &str) -> String {
+        format!("{}blob:{{{id}}}:m", self.prefix)
+    }
+
+    /// A value every node shares (e.g. the blob URL signing key).
+    pub fn shared(&self, name: &str) -> String {
+        format!("{}shared:{name}", self.prefix)
+    }
+
     /// A server's layout record (see `layout.rs`).
     pub fn layout(&self) -> String {
         format!("{}layout", self.prefix)

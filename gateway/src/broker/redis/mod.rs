@@ -12,6 +12,7 @@
 //! - Presence ([`presence`]), the node registry ([`registry`]) and control messages
 //!   ([`control`]) each have their own file; replies are parsed in [`reply`].
 
+mod blobs;
 mod cluster;
 mod commands;
 mod control;
@@ -91,6 +92,7 @@ struct Scripts {
     presence_expire: redis::Script,
     layout_read: redis::Script,
     layout_claim: redis::Script,
+    blob_put: redis::Script,
 }
 
 pub struct RedisBroker {
@@ -111,6 +113,7 @@ pub struct RedisBroker {
     /// Presence entries this node added, refreshed before they expire.
     local_presence: Mutex<HashMap<ChannelName, HashMap<String, String>>>,
     upkeep_rounds: AtomicU64,
+    blob_store: blobs::RedisBlobs,
 }
 
 fn flag(b: bool) -> &'static str {
@@ -268,9 +271,11 @@ impl RedisBroker {
                     presence_expire: redis::Script::new(scripts::PRESENCE_EXPIRE),
                     layout_read: redis::Script::new(layout::READ),
                     layout_claim: redis::Script::new(layout::CLAIM),
+                    blob_put: redis::Script::new(blobs::PUT),
                 },
                 local_presence: Mutex::default(),
                 upkeep_rounds: AtomicU64::new(0),
+                blob_store: blobs::RedisBlobs(me.clone()),
                 config,
             }
         });
@@ -513,6 +518,7 @@ impl Broker for RedisBroker {
             content_type: request.content_type,
             info: request.info,
             time_unix_ms: self.clock.unix_ms(),
+            blobs: request.blobs,
             ..Default::default()
         };
         // Offset and epoch are set by the script; the payload travels without them.
@@ -657,5 +663,36 @@ impl Broker for RedisBroker {
         self.servers
             .iter()
             .all(|s| s.connected() && (self.cluster || s.layout_token().is_some()))
+    }
+
+    fn blobs(&self) -> &dyn super::blobs::BlobStore {
+        &self.blob_store
+    }
+
+    async fn shared_secret(&self, name: &str) -> Result<Vec<u8>, BrokerError> {
+        use base64::Engine;
+        let key = self.keys.shared(name);
+        let candidate =
+            base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+        // On the registry server, so every node of the layout finds the same one.
+        let stored: String = self.servers[sharding::registry(&self.names)]
+            .commands
+            .run(|mut conn| async move {
+                let (value,): (String,) = redis::pipe()
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(&candidate)
+                    .arg("NX")
+                    .ignore()
+                    .cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(value)
+            })
+            .await?;
+        base64::engine::general_purpose::STANDARD
+            .decode(stored)
+            .map_err(|_| BrokerError::Internal(format!("shared secret {name} is not base64")))
     }
 }
