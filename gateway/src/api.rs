@@ -6,7 +6,7 @@
 use crate::{
     broker::PublishRequest,
     channel::ChannelName,
-    channels::Limit,
+    channels::{Limit, Publisher},
     config::NamespaceOptions,
     error::CommandError,
     http::{self as h, Body},
@@ -268,7 +268,7 @@ async fn publish_one(
         blobs: publish.blobs,
     };
     node.channels
-        .publish(channel, options, request, "api")
+        .publish(channel, options, request, Publisher::Backend)
         .await
 }
 
@@ -378,6 +378,21 @@ async fn upload_blob(
         .to_owned();
     let config = node.channels.blob_config().clone();
     let limit = usize::try_from(config.max_bytes).unwrap_or(usize::MAX);
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > config.max_bytes) {
+        return Err(CommandError::new(
+            ErrorCode::MessageTooLarge,
+            format!("blob of {len} bytes exceeds the limit"),
+        ));
+    }
+    // The body is held in memory like a WebSocket upload: from the same node budget.
+    let held = declared.map_or(limit, |len| len as usize);
+    let _held = node.sessions.upload_budget.reserve(held).ok_or_else(|| {
+        CommandError::new(ErrorCode::LimitExceeded, "the node's upload memory is full")
+    })?;
     let bytes = read_body_up_to(req, limit).await?;
     if bytes.is_empty() {
         return Err(CommandError::new(ErrorCode::BadUpload, "empty body"));
@@ -395,7 +410,7 @@ async fn upload_blob(
     };
     node.broker()
         .blobs()
-        .put(&id, &meta, bytes, config.ttl)
+        .put(&id, &meta, bytes, config.ttl, channel.as_str())
         .await
         .inspect_err(|_| metrics::broker_error("blob"))?;
     metrics::blob_upload("completed");

@@ -5,8 +5,8 @@
 //! pages are signed here, freshly, as the hub signs them for live delivery.
 
 use crate::{
-    blobs::{BlobId, KindSet},
-    broker::{Broker, HistoryPage, Position, PublishRequest},
+    blobs::{BlobId, KindSet, check_stored_type},
+    broker::{Broker, HistoryPage, Position, PublishRequest, blobs::Access},
     channel::ChannelName,
     config::{BlobsConfig, NamespaceOptions, Namespaces},
     error::CommandError,
@@ -24,6 +24,24 @@ use std::{sync::Arc, time::Instant};
 pub const MAX_HISTORY_LIMIT: u32 = 10_000;
 /// A blob's name (a file name, for display) is at most this long.
 pub const MAX_BLOB_NAME: usize = 255;
+
+/// Who publishes: a client (blobs must be granted to the channel) or the backend through
+/// the HTTP API (trusted: publishing a blob grants it to the channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publisher {
+    Client,
+    Backend,
+}
+
+impl Publisher {
+    /// The `source` label of `gateway_publications_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Backend => "api",
+        }
+    }
+}
 
 pub struct Channels {
     namespaces: Namespaces,
@@ -76,7 +94,18 @@ impl Channels {
 
     /// A publish's blobs must name stored blobs (111); what the store knows of them
     /// (size, type, dimensions) replaces what the client claimed.
-    async fn check_blobs(&self, blobs: &mut [BlobRef]) -> Result<(), CommandError> {
+    async fn check_blobs(
+        &self,
+        blobs: &mut [BlobRef],
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        publisher: Publisher,
+    ) -> Result<(), CommandError> {
+        let access = match publisher {
+            Publisher::Client => Access::Client(channel.as_str()),
+            Publisher::Backend => Access::Backend(channel.as_str()),
+        };
+        let allowed = self.blob_types(options);
         if blobs.len() > self.blobs.max_blobs_per_publication {
             return Err(CommandError::new(
                 ErrorCode::LimitExceeded,
@@ -96,13 +125,16 @@ impl Channels {
                 )));
             }
             // Published blobs live at least `ttl_seconds` from their latest publication.
+            // A client may publish only blobs granted to the channel (as if unknown
+            // otherwise: an id is no proof of having the bytes); the backend grants.
             let meta = self
                 .broker
                 .blobs()
-                .meta(&id, Some(self.blobs.ttl))
+                .meta(&id, access, Some(self.blobs.ttl))
                 .await
                 .inspect_err(|_| metrics::broker_error("blob"))?
                 .ok_or_else(not_found)?;
+            check_stored_type(&meta.content_type, "", allowed)?;
             blob.size = meta.size;
             blob.content_type = meta.content_type;
             blob.width = meta.width;
@@ -134,9 +166,10 @@ impl Channels {
         channel: &ChannelName,
         options: &NamespaceOptions,
         mut request: PublishRequest,
-        source: &'static str,
+        publisher: Publisher,
     ) -> Result<Position, CommandError> {
-        self.check_blobs(&mut request.blobs).await?;
+        self.check_blobs(&mut request.blobs, channel, options, publisher)
+            .await?;
         if request.data.len() > options.max_message_bytes {
             return Err(CommandError::new(
                 ErrorCode::MessageTooLarge,
@@ -153,7 +186,7 @@ impl Channels {
             .broker_publish_seconds
             .record(started.elapsed().as_secs_f64());
         let position = result.inspect_err(|_| metrics::broker_error("publish"))?;
-        metrics::publication(source);
+        metrics::publication(publisher.label());
         Ok(position)
     }
 

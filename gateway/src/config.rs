@@ -109,6 +109,7 @@ struct BlobsFile {
     upload_budget_bytes: usize,
     upload_idle_seconds: u64,
     memory_store_bytes: usize,
+    cache_bytes: usize,
     max_blobs_per_publication: usize,
 }
 
@@ -125,6 +126,7 @@ impl Default for BlobsFile {
             upload_budget_bytes: 256 << 20,
             upload_idle_seconds: 30,
             memory_store_bytes: 256 << 20,
+            cache_bytes: 64 << 20,
             max_blobs_per_publication: 16,
         }
     }
@@ -150,6 +152,8 @@ pub struct BlobsConfig {
     pub upload_idle: Duration,
     /// Size of the embedded broker's blob store (LRU beyond it).
     pub memory_store_bytes: usize,
+    /// Size of the per-node cache of blobs read from Redis (0: none).
+    pub cache_bytes: usize,
     pub max_blobs_per_publication: usize,
 }
 
@@ -198,6 +202,7 @@ struct LimitsFile {
     outbound_queue_bytes: usize,
     handshake_timeout_ms: u64,
     ping_interval_ms: u64,
+    write_timeout_ms: u64,
     commands_per_second: u32,
     command_burst: u32,
     rate_limit_strikes: u32,
@@ -218,6 +223,7 @@ impl Default for LimitsFile {
             outbound_queue_bytes: 1 << 20,
             handshake_timeout_ms: 10_000,
             ping_interval_ms: 25_000,
+            write_timeout_ms: 10_000,
             commands_per_second: 200,
             command_burst: 400,
             rate_limit_strikes: 50,
@@ -258,6 +264,8 @@ pub struct SessionConfig {
     pub outbound_queue_bytes: usize,
     /// Server WebSocket ping period; a connection silent for twice this is closed (4004).
     pub ping_interval: Duration,
+    /// A write may take this long plus its bytes at 64 KiB/s; then close 4008.
+    pub write_timeout: Duration,
     /// Commands per second per connection (token bucket) and the bucket size.
     pub commands_per_second: u32,
     pub command_burst: u32,
@@ -323,6 +331,8 @@ pub struct RedisConfig {
     pub probe_interval: Duration,
     pub presence_ttl: Duration,
     pub layout_stale: Duration,
+    /// `[blobs] cache_bytes`: the per-node cache of blobs read from Redis.
+    pub blob_cache_bytes: usize,
 }
 
 /// Token verification keys. With none, clients connect anonymously.
@@ -505,6 +515,7 @@ impl Config {
                 max_frames_per_message: l.max_frames_per_message,
                 outbound_queue_bytes: l.outbound_queue_bytes,
                 ping_interval: Duration::from_millis(l.ping_interval_ms),
+                write_timeout: Duration::from_millis(l.write_timeout_ms.max(1)),
                 commands_per_second: l.commands_per_second,
                 command_burst: l.command_burst,
                 rate_limit_strikes: l.rate_limit_strikes,
@@ -532,6 +543,7 @@ impl Config {
                 upload_budget_bytes: file.blobs.upload_budget_bytes,
                 upload_idle: Duration::from_secs(file.blobs.upload_idle_seconds.max(1)),
                 memory_store_bytes: file.blobs.memory_store_bytes,
+                cache_bytes: file.blobs.cache_bytes,
                 max_blobs_per_publication: file.blobs.max_blobs_per_publication,
             },
             rpc: RpcConfig {
@@ -642,6 +654,7 @@ impl Config {
             probe_interval: Duration::from_millis(r.probe_interval_ms),
             presence_ttl: Duration::from_secs(r.presence_ttl_seconds.max(1)),
             layout_stale: Duration::from_secs(r.layout_stale_seconds.max(1)),
+            blob_cache_bytes: self.blobs.cache_bytes,
         })
     }
 }

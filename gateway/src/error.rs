@@ -2,7 +2,10 @@
 //! code, a message for humans, and whether the connection must close afterwards. Every
 //! broker failure converts into one through `From`, so handlers just use `?`.
 
-use crate::broker::BrokerError;
+use crate::{
+    blobs::{TypeError, upload::UploadError},
+    broker::BrokerError,
+};
 use broker_proto::{CloseCode, ErrorCode};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,6 +62,23 @@ impl CommandError {
 impl From<BrokerError> for CommandError {
     fn from(e: BrokerError) -> Self {
         Self::new(e.code(), e.to_string())
+    }
+}
+
+impl From<UploadError> for CommandError {
+    fn from(e: UploadError) -> Self {
+        let code = match e {
+            UploadError::Bad(_) => ErrorCode::BadUpload,
+            UploadError::TooLarge(_) => ErrorCode::MessageTooLarge,
+            UploadError::Limit(_) => ErrorCode::LimitExceeded,
+        };
+        CommandError::new(code, e.to_string())
+    }
+}
+
+impl From<TypeError> for CommandError {
+    fn from(e: TypeError) -> Self {
+        CommandError::new(ErrorCode::BlobTypeNotAllowed, e.to_string())
     }
 }
 

@@ -6,6 +6,7 @@
 
 use crate::{
     blobs::{BlobId, signing::SigError},
+    broker::blobs::Access,
     error::CommandError,
     http::{self as h, Body},
     metrics,
@@ -45,6 +46,8 @@ pub fn byte_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>,
         (None, Some(n)) if a.is_empty() && n > 0 => {
             (size.saturating_sub(n), size.saturating_sub(1))
         }
+        // An empty suffix selects nothing (RFC 9110 14.1.1).
+        (None, Some(0)) if a.is_empty() => return Err(Unsatisfiable),
         _ => return Ok(None),
     };
     if size == 0 || start >= size {
@@ -111,7 +114,7 @@ pub async fn serve(
         }
     }
     let store = node.broker().blobs();
-    let meta = match store.meta(&id, None).await {
+    let meta = match store.meta(&id, Access::Signed, None).await {
         Ok(Some(meta)) => meta,
         Ok(None) => return not_found(),
         Err(e) => return api_error(e.into()),
@@ -198,6 +201,7 @@ mod tests {
         assert_eq!(byte_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
         assert_eq!(byte_range(Some("bytes=0-1,4-5"), 10), Ok(None));
         assert_eq!(byte_range(Some("bytes=5-2"), 10), Ok(None));
+        assert_eq!(byte_range(Some("bytes=-0"), 10), Err(Unsatisfiable));
         assert_eq!(byte_range(Some("items=0-1"), 10), Ok(None));
     }
 }

@@ -192,6 +192,21 @@ pub fn blob_eviction(reason: &'static str) {
     counter!("gateway_blob_store_evictions_total", "reason" => reason).increment(1);
 }
 
+/// A blob left the per-node read cache: `lru` or `ttl`.
+pub fn blob_cache_eviction(reason: &'static str) {
+    counter!("gateway_blob_cache_evictions_total", "reason" => reason).increment(1);
+}
+
+/// A read of the per-node blob cache: `hit` or `miss` (one Redis read per concurrent miss).
+pub fn blob_cache(result: &'static str) {
+    counter!("gateway_blob_cache_total", "result" => result).increment(1);
+}
+
+/// Bytes the per-node blob read cache holds.
+pub fn blob_cache_bytes(bytes: usize) {
+    gauge!("gateway_blob_cache_bytes").set(bytes as f64);
+}
+
 /// Bytes the embedded blob store holds.
 pub fn blob_store_bytes(bytes: usize) {
     gauge!("gateway_blob_store_bytes").set(bytes as f64);

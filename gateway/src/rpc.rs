@@ -30,12 +30,15 @@ pub struct Call<'a> {
     pub client: &'a str,
 }
 
-/// A method name: `[A-Za-z0-9_.-]`, 1–128 bytes (it becomes a URL path segment).
+/// A method name: `[A-Za-z0-9_.-]`, 1–128 bytes, not only dots (it becomes a URL path
+/// segment).
 pub fn valid_method(method: &str) -> bool {
     (1..=128).contains(&method.len())
         && method
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        // `.` and `..` are path segments a proxy or framework would resolve.
+        && method.bytes().any(|b| b != b'.')
 }
 
 fn header_value(s: &str) -> HeaderValue {
@@ -173,6 +176,9 @@ mod tests {
         assert!(!valid_method(""));
         assert!(!valid_method("../admin"));
         assert!(!valid_method("a/b"));
+        assert!(!valid_method(".."));
+        assert!(!valid_method("."));
+        assert!(valid_method("..a"));
         assert!(!valid_method(&"a".repeat(129)));
     }
 }

@@ -6,29 +6,21 @@
 //!
 //! With `--publishers 0` it only holds the connections (`--hold`), for memory runs.
 
-use broker_proto::{
-    Batch, Encoding, encode_frame,
-    v1::{ClientFrame, Publish, Subscribe, client_frame::Command},
-};
-use bytes::{Buf, Bytes};
+use broker_proto::v1::{ClientFrame, Publish, Subscribe, client_frame::Command};
+use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use prost::Message as _;
+use loadtest::{Ws, connect, frames, gateway_process, now_ns, send_frames};
 use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
-use tokio::{net::TcpStream, sync::Semaphore};
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream,
-    tungstenite::{
-        Message, client::IntoClientRequest, http::HeaderValue, protocol::WebSocketConfig,
-    },
-};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "WebSocket load generator for the gateway")]
@@ -79,86 +71,6 @@ struct Args {
     extra_subscriptions: usize,
     #[arg(long, default_value_t = 1000)]
     extra_channels: usize,
-}
-
-/// The parts of `ServerFrame` the generator needs; prost skips the rest without
-/// allocating, which keeps the client's cost per delivery low.
-#[derive(Clone, PartialEq, prost::Message)]
-struct LiteFrame {
-    #[prost(uint32, tag = "1")]
-    id: u32,
-    #[prost(message, optional, tag = "2")]
-    error: Option<LiteError>,
-    #[prost(message, optional, tag = "10")]
-    publication: Option<LitePublication>,
-    #[prost(message, optional, tag = "4")]
-    subscribe: Option<LiteSubscribed>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct LiteError {
-    #[prost(uint32, tag = "1")]
-    code: u32,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct LitePublication {
-    #[prost(uint64, tag = "2")]
-    offset: u64,
-    #[prost(bytes = "bytes", tag = "4")]
-    data: Bytes,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct LiteSubscribed {
-    #[prost(uint64, tag = "2")]
-    offset: u64,
-}
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn frames(payload: &Bytes) -> impl Iterator<Item = LiteFrame> + '_ {
-    let mut buf = payload.clone();
-    std::iter::from_fn(move || {
-        if !buf.has_remaining() {
-            return None;
-        }
-        let len = prost::decode_length_delimiter(&mut buf).ok()?;
-        if len > buf.remaining() {
-            return None;
-        }
-        LiteFrame::decode(buf.split_to(len)).ok()
-    })
-}
-
-async fn connect(addr: &str) -> Result<Ws, String> {
-    let mut req = format!("ws://{addr}/ws")
-        .into_client_request()
-        .map_err(|e| e.to_string())?;
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(Encoding::PROTO_SUBPROTOCOL),
-    );
-    let mut config = WebSocketConfig::default();
-    config.read_buffer_size = 16 * 1024;
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(ws)
-}
-
-fn send_frames(frames: &[ClientFrame]) -> Message {
-    let mut batch = Batch::new(Encoding::Proto, 128 * frames.len());
-    for f in frames {
-        batch.push(&encode_frame(Encoding::Proto, f));
-    }
-    Message::Binary(batch.take())
 }
 
 /// Per-run counters shared by all tasks.
@@ -274,42 +186,6 @@ async fn publisher(mut ws: Ws, index: usize, args: Args, stats: Arc<Stats>, dead
         }
     }
     stats.published.fetch_add(acked, Relaxed);
-}
-
-/// `(cpu_seconds, rss_bytes)` summed over the gateway nodes at `addrs`.
-async fn gateway_process(addrs: &str) -> Option<(f64, f64)> {
-    let mut total = (0.0, 0.0);
-    for addr in addrs.split(',') {
-        let (cpu, rss) = node_process(addr).await?;
-        total.0 += cpu;
-        total.1 += rss;
-    }
-    Some(total)
-}
-
-async fn node_process(addr: &str) -> Option<(f64, f64)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    let value = |name: &str| {
-        text.lines().find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-    };
-    Some((
-        value("process_cpu_seconds_total")?,
-        value("process_resident_memory_bytes")?,
-    ))
 }
 
 #[tokio::main]

@@ -4,6 +4,7 @@
 //! uploads are assembled ([`upload`]) and how download URLs are signed ([`signing`]).
 //! Where blobs are stored is the broker's business (`broker::blobs`).
 
+pub mod lru;
 pub mod signing;
 pub mod upload;
 
@@ -246,6 +247,26 @@ pub fn check_type(bytes: &[u8], claimed: &str, allowed: KindSet) -> Result<Image
         return Err(TypeError::NotAllowed(sniffed.mime()));
     }
     Ok(sniffed)
+}
+
+/// Checks a stored blob's type (as its meta records it) for use in a namespace, and
+/// against the type a client claims for it (empty: none).
+pub fn check_stored_type(
+    stored: &str,
+    claimed: &str,
+    allowed: KindSet,
+) -> Result<ImageKind, TypeError> {
+    let kind = ImageKind::from_mime(stored).ok_or(TypeError::Unknown)?;
+    if !claimed.is_empty() && ImageKind::from_mime(claimed) != Some(kind) {
+        return Err(TypeError::Mismatch {
+            claimed: ImageKind::from_mime(claimed).map_or("another type", ImageKind::mime),
+            sniffed: kind.mime(),
+        });
+    }
+    if !allowed.contains(kind) {
+        return Err(TypeError::NotAllowed(kind.mime()));
+    }
+    Ok(kind)
 }
 
 #[cfg(test)]

@@ -2,12 +2,16 @@
 //! connection (no I/O, time passed in), hashed incrementally, bounded three ways:
 //! - per upload, by the declared size (and the largest blob allowed);
 //! - per connection, by the number of uploads in flight;
-//! - per node, by a byte [`Budget`] that every chunk held in memory draws from. Memory is
-//!   given back the moment an upload completes, fails, goes idle too long, or its
-//!   connection ends (dropping the table drops every upload and its reservation).
+//! - per node, by a byte [`Budget`] that the buffers of unfinished uploads draw from, by
+//!   their capacity (what is really allocated, not only what arrived): a buffer grows to
+//!   twice what it must hold, capped at the declared size, and takes each growth from the
+//!   budget first.
+//!   Memory is given back the moment an upload fails, goes idle too long, or its
+//!   connection ends (dropping the table drops every upload and its reservation), and a
+//!   completed one once its bytes are stored (the reservation travels with them).
 
 use super::BlobId;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::{
     collections::HashMap,
@@ -49,15 +53,26 @@ impl Budget {
         taken.is_ok()
     }
 
+    /// Holds `bytes` until the reservation is dropped, if the budget has them.
+    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        self.take(bytes).then(|| Reservation {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     fn give(&self, bytes: usize) {
         let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
         crate::metrics::upload_bytes(before - bytes);
     }
 }
 
+/// The smallest buffer an upload allocates (then it doubles).
+const FIRST_BUFFER: usize = 64 * 1024;
+
 /// Bytes held from the budget, given back when dropped.
 #[derive(Debug)]
-struct Reservation {
+pub struct Reservation {
     budget: Arc<Budget>,
     bytes: usize,
 }
@@ -101,13 +116,15 @@ pub struct Start {
     pub claimed: Option<BlobId>,
 }
 
-/// A complete upload: bytes whose hash is `id`, as declared.
+/// A complete upload: bytes whose hash is `id`, as declared. Its memory stays counted in
+/// the budget until this is dropped.
 #[derive(Debug)]
 pub struct Assembled {
     pub id: BlobId,
     pub bytes: Bytes,
     pub channel: String,
     pub content_type: String,
+    pub held: Reservation,
 }
 
 #[derive(Debug)]
@@ -120,10 +137,11 @@ pub enum Fed {
 #[derive(Debug)]
 struct Upload {
     start: Start,
-    buf: BytesMut,
+    buf: Vec<u8>,
     hasher: Sha256,
     last_chunk: Instant,
-    reservations: Vec<Reservation>,
+    /// The budget drawn for `buf`'s capacity.
+    held: Reservation,
 }
 
 #[derive(Debug)]
@@ -167,14 +185,18 @@ impl Uploads {
         if self.uploads.len() >= self.limits.max_uploads {
             return Err(UploadError::Limit("uploads in flight on this connection"));
         }
+        let held = Reservation {
+            budget: self.budget.clone(),
+            bytes: 0,
+        };
         self.uploads.insert(
             upload,
             Upload {
                 start,
-                buf: BytesMut::new(),
+                buf: Vec::new(),
                 hasher: Sha256::new(),
                 last_chunk: now,
-                reservations: Vec::new(),
+                held,
             },
         );
         Ok(())
@@ -220,13 +242,20 @@ impl Uploads {
         if received > u.start.size {
             return Err(UploadError::Bad("more bytes than the declared size"));
         }
-        if !self.budget.take(data.len()) {
-            return Err(UploadError::Limit("the node's upload memory is full"));
+        let needed = u.buf.len() + data.len();
+        if needed > u.buf.capacity() {
+            // Declared sizes are at most `max_bytes`, which fits in memory by configuration.
+            let size = usize::try_from(u.start.size).unwrap_or(usize::MAX);
+            let target = (u.buf.capacity().max(needed) * 2)
+                .max(FIRST_BUFFER)
+                .min(size);
+            let grow = target - u.buf.capacity();
+            if !self.budget.take(grow) {
+                return Err(UploadError::Limit("the node's upload memory is full"));
+            }
+            u.held.bytes += grow;
+            u.buf.reserve_exact(target - u.buf.len());
         }
-        u.reservations.push(Reservation {
-            budget: self.budget.clone(),
-            bytes: data.len(),
-        });
         u.buf.extend_from_slice(data);
         u.hasher.update(data);
         u.last_chunk = now;
@@ -241,12 +270,25 @@ impl Uploads {
         if u.start.claimed.as_ref().is_some_and(|c| *c != id) {
             return Err(UploadError::Bad("the bytes do not hash to the claimed id"));
         }
+        let held = Reservation {
+            budget: self.budget.clone(),
+            bytes: std::mem::take(&mut u.held.bytes),
+        };
         Ok(Fed::Done(Assembled {
             id,
-            bytes: std::mem::take(&mut u.buf).freeze(),
+            bytes: Bytes::from(std::mem::take(&mut u.buf)),
             channel: std::mem::take(&mut u.start.channel),
             content_type: std::mem::take(&mut u.start.content_type),
+            held,
         }))
+    }
+
+    /// When the next upload goes idle for too long, if any is in flight.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.uploads
+            .values()
+            .map(|u| u.last_chunk + self.limits.idle)
+            .min()
     }
 
     /// Drops uploads idle for longer than the limit; returns how many.
@@ -285,14 +327,16 @@ mod tests {
         let now = Instant::now();
         u.begin(7, start(6), now).unwrap();
         assert!(matches!(u.feed(7, b"abc", false, now), Ok(Fed::More)));
-        assert_eq!(budget.used(), 3);
+        assert_eq!(budget.used(), 6, "the buffer, sized for the declared bytes");
         let Ok(Fed::Done(a)) = u.feed(7, b"def", true, now) else {
             panic!()
         };
         assert_eq!(a.id, BlobId::of(b"abcdef"));
         assert_eq!(&a.bytes[..], b"abcdef");
-        assert_eq!(budget.used(), 0, "memory given back at once");
         assert!(!u.in_flight(7));
+        assert_eq!(budget.used(), 6, "held until the bytes are stored");
+        drop(a);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]
@@ -365,12 +409,44 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_counts_what_is_allocated_however_small_the_chunks() {
+        let budget = Budget::new(1 << 30);
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            ..LIMITS
+        };
+        let mut u = Uploads::new(limits, budget.clone());
+        let now = Instant::now();
+        u.begin(1, start(1 << 20), now).unwrap();
+        for _ in 0..1000 {
+            u.feed(1, b"x", false, now).unwrap();
+        }
+        assert_eq!(
+            budget.used(),
+            FIRST_BUFFER,
+            "one first buffer, not a reservation per chunk"
+        );
+        u.feed(1, &vec![0; FIRST_BUFFER], false, now).unwrap();
+        assert_eq!(budget.used(), 2 * (FIRST_BUFFER + 1000), "twice what arrived");
+        u.feed(1, &vec![0; (1 << 20) - FIRST_BUFFER - 1000 - 1], false, now)
+            .unwrap();
+        assert_eq!(budget.used(), 1 << 20, "capped at the declared size");
+        let Ok(Fed::Done(a)) = u.feed(1, b"x", true, now) else {
+            panic!()
+        };
+        assert_eq!(a.bytes.len(), 1 << 20);
+        drop(a);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
     fn an_idle_upload_expires() {
         let budget = Budget::new(100);
         let mut u = Uploads::new(LIMITS, budget.clone());
         let now = Instant::now();
         u.begin(1, start(8), now).unwrap();
         u.feed(1, b"1234", false, now).unwrap();
+        assert_eq!(u.next_expiry(), Some(now + Duration::from_secs(30)));
         assert_eq!(u.expire(now + Duration::from_secs(29)), 0);
         assert_eq!(u.expire(now + Duration::from_secs(30)), 1);
         assert_eq!(budget.used(), 0);

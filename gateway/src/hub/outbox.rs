@@ -67,6 +67,8 @@ pub struct Outbox {
     notify: Notify,
     /// Woken when the bulk lane shrinks or the connection closes.
     bulk_drained: Notify,
+    /// Woken when a close is requested.
+    closed: Notify,
     limit_bytes: usize,
 }
 
@@ -76,6 +78,7 @@ impl Outbox {
             state: Mutex::default(),
             notify: Notify::new(),
             bulk_drained: Notify::new(),
+            closed: Notify::new(),
             limit_bytes,
         }
     }
@@ -91,9 +94,8 @@ impl Outbox {
         }
         let len = item.frame.len();
         if s.bytes + len > self.limit_bytes {
-            s.close = Some(CloseCode::SlowConsumer);
             drop(s);
-            self.notify.notify_one();
+            self.close(CloseCode::SlowConsumer);
             return Pushed::Overflow;
         }
         let wake = s.items.is_empty();
@@ -108,14 +110,21 @@ impl Outbox {
         Pushed::Queued
     }
 
-    /// Queues a reply made elsewhere (RPC, downloads). Replies are bounded by what
-    /// produces them (calls and downloads in flight), not by the push budget, so an
-    /// answer larger than the budget still goes out.
+    /// Queues a reply made elsewhere (RPC, download errors). A reply may be larger than
+    /// the whole budget (an RPC answer), so it is admitted while the queue is within the
+    /// budget, whatever its own size: a client that stops reading holds at most the
+    /// budget plus one reply before it is closed as a slow consumer.
     pub fn push_reply(&self, frame: Bytes) -> Pushed {
         let mut s = self.lock();
         if s.close.is_some() {
             return Pushed::Closed;
         }
+        if s.bytes > self.limit_bytes {
+            drop(s);
+            self.close(CloseCode::SlowConsumer);
+            return Pushed::Overflow;
+        }
+        s.bytes += frame.len();
         let wake = s.items.is_empty() && s.bulk.is_empty();
         s.items.push_back(OutItem {
             stream: Stream::none(),
@@ -139,10 +148,8 @@ impl Outbox {
         }
         let len = frame.len();
         if s.bytes + len > self.limit_bytes {
-            s.close = Some(CloseCode::SlowConsumer);
             drop(s);
-            self.notify.notify_one();
-            self.bulk_drained.notify_waiters();
+            self.close(CloseCode::SlowConsumer);
             return Pushed::Overflow;
         }
         let wake = s.items.is_empty() && s.bulk.is_empty();
@@ -179,6 +186,18 @@ impl Outbox {
             drop(s);
             self.notify.notify_one();
             self.bulk_drained.notify_waiters();
+            self.closed.notify_waiters();
+        }
+    }
+
+    /// Resolves once a close is requested (at once if it was already).
+    pub async fn closed(&self) {
+        loop {
+            let requested = self.closed.notified();
+            if self.closing().is_some() {
+                return;
+            }
+            requested.await;
         }
     }
 
@@ -240,6 +259,23 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_larger_than_the_budget_goes_out_but_a_second_unread_one_closes() {
+        let o = Outbox::new(100);
+        assert_eq!(o.push_reply(Bytes::from(vec![0; 1000])), Pushed::Queued);
+        assert_eq!(o.push_reply(Bytes::from(vec![0; 10])), Pushed::Overflow);
+        assert_eq!(o.closing(), Some(CloseCode::SlowConsumer));
+        let o = Outbox::new(100);
+        assert_eq!(o.push_reply(Bytes::from(vec![0; 1000])), Pushed::Queued);
+        let mut out = VecDeque::new();
+        assert_eq!(o.drain(&mut out), None);
+        assert_eq!(
+            o.push_reply(Bytes::from(vec![0; 1000])),
+            Pushed::Queued,
+            "read meanwhile"
+        );
+    }
+
+    #[test]
     fn overflow_marks_slow_consumer_and_drops_later_pushes() {
         let o = Outbox::new(100);
         assert_eq!(o.push(item(60)), Pushed::Queued);
@@ -289,13 +325,16 @@ mod tests {
     }
 
     #[test]
-    fn replies_are_not_bounded_by_the_push_budget() {
+    fn a_reply_larger_than_the_budget_counts_against_it() {
         let o = Outbox::new(100);
         assert_eq!(o.push_reply(Bytes::from(vec![0; 1000])), Pushed::Queued);
-        assert_eq!(o.push(item(60)), Pushed::Queued);
+        assert_eq!(o.push(item(60)), Pushed::Overflow, "the reply filled the queue");
+        let o = Outbox::new(100);
+        assert_eq!(o.push_reply(Bytes::from(vec![0; 1000])), Pushed::Queued);
         let mut out = VecDeque::new();
         assert_eq!(o.drain(&mut out), None);
         assert_eq!(out[0].kind, ItemKind::Reply);
+        assert_eq!(o.push(item(60)), Pushed::Queued, "written meanwhile");
     }
 
     #[test]

@@ -5,8 +5,15 @@
 
 use super::{core::SessionCore, subscriptions::Subscription};
 use crate::{
-    auth::AuthError, broker::PresenceChange, broker::PublishRequest, channel::ChannelName,
-    channels::Limit, config::NamespaceOptions, error::CommandError, hub::Subscriber, metrics,
+    auth::AuthError,
+    broker::PresenceChange,
+    broker::PublishRequest,
+    channel::ChannelName,
+    channels::{Limit, Publisher},
+    config::NamespaceOptions,
+    error::CommandError,
+    hub::Subscriber,
+    metrics,
 };
 use broker_proto::{
     CloseCode, ErrorCode,
@@ -301,7 +308,7 @@ impl SessionCore {
         let position = self
             .ctx
             .channels
-            .publish(&channel, &options, publish, "client")
+            .publish(&channel, &options, publish, Publisher::Client)
             .await?;
         Ok(Body::Publish(PublishResult {
             offset: position.offset,

@@ -30,6 +30,12 @@ use tokio_tungstenite::{
 const OUTBOX_STREAK: u32 = 4;
 /// How long a closing session waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// Bytes per second a client must at least take in: a write may take `write_timeout`
+/// (`[limits] write_timeout_ms`) plus the time its bytes need at this rate; a client that
+/// takes longer has stopped reading and is closed as a slow consumer (4008). Without a
+/// bound, a write blocked on a full socket would hold the session — its pings, idle
+/// timeout and outbox — for as long as the client stayed connected.
+const MIN_WRITE_RATE: f64 = 64.0 * 1024.0;
 
 /// How a connection ends.
 pub enum Exit {
@@ -55,6 +61,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let outbox = core.outbox().clone();
+    let grace = core.ctx.config.write_timeout;
     let mut outbox_streak = 0u32;
     let mut pending = Vec::new();
     let mut deadline = core.next_deadline();
@@ -105,18 +112,39 @@ where
         match core.on_timer(tokio::time::Instant::now().into_std()) {
             Tick::Nothing => {}
             Tick::Close(code) => return Exit::Close(code),
-            Tick::Ping => {
-                if ws.feed(Message::Ping(Bytes::new())).await.is_err() {
-                    return Exit::Gone;
-                }
-            }
+            Tick::Ping => match bounded(grace, 0, ws.feed(Message::Ping(Bytes::new()))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Exit::Gone,
+                Err(Stalled) => return Exit::Close(CloseCode::SlowConsumer),
+            },
         }
         let close = core.take_output(&mut pending);
-        if write(ws, core.encoding(), &mut pending, metrics)
-            .await
-            .is_err()
-        {
-            return Exit::Gone;
+        let bytes = pending.iter().map(Bytes::len).sum();
+        let written = bounded(
+            grace,
+            bytes,
+            write(ws, core.encoding(), &mut pending, metrics),
+        );
+        // A close requested while the write is blocked (the queue overflowed behind it)
+        // ends the session at once, unless this write is the session's last.
+        let aborted = async {
+            match close {
+                None => outbox.closed().await,
+                Some(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = written => match result {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Exit::Gone,
+                Err(Stalled) => {
+                    tracing::debug!("a write made no progress in time; closing as a slow consumer");
+                    return Exit::Close(CloseCode::SlowConsumer);
+                }
+            },
+            () = aborted => {
+                return Exit::Close(outbox.closing().unwrap_or(CloseCode::SlowConsumer));
+            }
         }
         if let Some(code) = close {
             return Exit::Close(code);
@@ -139,6 +167,20 @@ async fn on_message(core: &mut SessionCore, message: Message) -> Option<Exit> {
     // Boxed: a command's future is large and live only briefly, and the connection
     // task's size is paid by every idle connection.
     Box::pin(core.on_payload(payload)).await.map(Exit::Close)
+}
+
+struct Stalled;
+
+/// Runs a write of `bytes` within the time a reading client needs for it.
+async fn bounded<T>(
+    grace: Duration,
+    bytes: usize,
+    write: impl Future<Output = T>,
+) -> Result<T, Stalled> {
+    let limit = grace + Duration::from_secs_f64(bytes as f64 / MIN_WRITE_RATE);
+    tokio::time::timeout(limit, write)
+        .await
+        .map_err(|_| Stalled)
 }
 
 /// Writes the packed payloads, then flushes once.

@@ -155,12 +155,16 @@ impl SessionCore {
 
     /// When [`Self::on_timer`] has something to do next.
     pub fn next_deadline(&self) -> Instant {
+        let next = self
+            .uploads
+            .next_expiry()
+            .map_or(self.next_ping, |e| e.min(self.next_ping));
         if self
             .identity
             .as_ref()
             .is_none_or(|i| i.expires_at.is_none())
         {
-            return self.next_ping;
+            return next;
         }
         let expiry = self
             .identity
@@ -173,7 +177,7 @@ impl SessionCore {
                     .now()
                     .checked_add(std::time::Duration::from_secs(left))
             });
-        expiry.map_or(self.next_ping, |e| e.min(self.next_ping))
+        expiry.map_or(next, |e| e.min(next))
     }
 
     /// Pings, the idle timeout, token expiry, abandoned uploads.
@@ -181,12 +185,12 @@ impl SessionCore {
         if self.token_expired() {
             return Tick::Close(CloseCode::TokenExpired);
         }
-        if now < self.next_ping {
-            return Tick::Nothing;
-        }
         let abandoned = self.uploads.expire(now);
         for _ in 0..abandoned {
             metrics::blob_upload("aborted");
+        }
+        if now < self.next_ping {
+            return Tick::Nothing;
         }
         let every = self.ctx.config.ping_interval;
         if now.saturating_duration_since(self.last_heard) > every * 2 {

@@ -8,9 +8,10 @@
 use super::core::{SessionCore, wire_error};
 use crate::{
     blobs::{
-        BlobId, BlobMeta, TypeError, check_type, dimensions,
+        BlobId, BlobMeta, check_stored_type, check_type, dimensions,
         upload::{Fed, Start, UploadError},
     },
+    broker::blobs::Access,
     error::CommandError,
     metrics,
     rpc::Call,
@@ -32,23 +33,6 @@ pub const CHUNK_BYTES: u64 = 64 * 1024;
 const BULK_WINDOW: usize = 256 * 1024;
 /// Bytes needed to sniff an image type from an upload's first chunk.
 const SNIFF_BYTES: usize = 32;
-
-impl From<UploadError> for CommandError {
-    fn from(e: UploadError) -> Self {
-        let code = match e {
-            UploadError::Bad(_) => ErrorCode::BadUpload,
-            UploadError::TooLarge(_) => ErrorCode::MessageTooLarge,
-            UploadError::Limit(_) => ErrorCode::LimitExceeded,
-        };
-        CommandError::new(code, e.to_string())
-    }
-}
-
-impl From<TypeError> for CommandError {
-    fn from(e: TypeError) -> Self {
-        CommandError::new(ErrorCode::BlobTypeNotAllowed, e.to_string())
-    }
-}
 
 /// A count of tasks in flight, held by each task and given back when it ends.
 struct Slot(Arc<AtomicUsize>);
@@ -113,11 +97,12 @@ impl SessionCore {
         if first {
             if put.size == 0 || put.content_type.is_empty() {
                 return Err(UploadError::Bad(
-                    "the first chunk of an upload carries size and content_type",
+                    "no such upload in flight (never started, failed or idle too long); \
+                     a first chunk carries size and content_type",
                 )
                 .into());
             }
-            let (channel, _) = self.authorize_publish(&put.channel)?;
+            let (channel, options) = self.authorize_publish(&put.channel)?;
             let claimed = match put.id.as_str() {
                 "" => None,
                 id => Some(BlobId::parse(id).map_err(|_| UploadError::Bad("bad blob id"))?),
@@ -131,11 +116,23 @@ impl SessionCore {
             self.uploads.begin(put.upload, start, now)?;
             metrics::blob_upload("started");
             if let Some(id) = claimed {
+                // The shortcut works only for a blob already granted to this channel
+                // (which the client could read anyway): an id proves nothing else.
                 let store = self.ctx.channels.broker().blobs();
-                let known = store.meta(&id, Some(config.ttl)).await;
+                let known = store
+                    .meta(&id, Access::Client(channel.as_str()), Some(config.ttl))
+                    .await;
                 match known {
                     Ok(Some(meta)) => {
                         self.uploads.abandon(put.upload);
+                        let allowed = self.ctx.channels.blob_types(&options);
+                        check_stored_type(&meta.content_type, &put.content_type, allowed)?;
+                        if meta.size != put.size {
+                            return Err(UploadError::Bad(
+                                "the declared size is not the stored blob's",
+                            )
+                            .into());
+                        }
                         metrics::blob_upload("known");
                         let blob = self.blob_ref(&id, meta, channel.as_str());
                         return Ok(Body::BlobPut(BlobPutResult { blob: Some(blob) }));
@@ -178,7 +175,13 @@ impl SessionCore {
             .channels
             .broker()
             .blobs()
-            .put(&assembled.id, &meta, assembled.bytes, config.ttl)
+            .put(
+                &assembled.id,
+                &meta,
+                assembled.bytes,
+                config.ttl,
+                &assembled.channel,
+            )
             .await
             .inspect_err(|_| {
                 metrics::broker_error("blob");
@@ -225,7 +228,7 @@ impl SessionCore {
         let broker = self.ctx.channels.broker().clone();
         let meta = broker
             .blobs()
-            .meta(&blob, None)
+            .meta(&blob, Access::Client(&get.channel), None)
             .await
             .inspect_err(|_| metrics::broker_error("blob"))?
             .ok_or_else(not_found)?;

@@ -3,76 +3,44 @@
 //! its TTL passes; both are counted in `gateway_blob_store_evictions_total`.
 
 use crate::{
-    blobs::{BlobId, BlobMeta},
-    broker::{BrokerError, blobs::BlobStore},
+    blobs::{
+        BlobId, BlobMeta,
+        lru::{Lru, slice},
+    },
+    broker::{
+        BrokerError,
+        blobs::{Access, BlobStore, MAX_GRANTS},
+    },
     clock::Clock,
     metrics,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::{
-    collections::HashMap,
     sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-struct Entry {
-    meta: BlobMeta,
-    bytes: Bytes,
-    expires: Instant,
-    used: u64,
-}
-
-#[derive(Default)]
-struct Inner {
-    map: HashMap<BlobId, Entry>,
-    bytes: usize,
-    tick: u64,
-}
-
-impl Inner {
-    fn remove(&mut self, id: &BlobId, reason: &'static str) {
-        if let Some(e) = self.map.remove(id) {
-            self.bytes -= e.bytes.len();
-            metrics::blob_eviction(reason);
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let gone: Vec<BlobId> = self
-            .map
-            .iter()
-            .filter(|(_, e)| e.expires <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            self.remove(&id, "ttl");
-        }
-    }
-}
-
 pub struct MemoryBlobs {
-    inner: Mutex<Inner>,
-    limit: usize,
+    lru: Mutex<Lru>,
     clock: Clock,
 }
 
 impl MemoryBlobs {
     pub fn new(limit_bytes: usize, clock: Clock) -> Self {
         Self {
-            inner: Mutex::default(),
-            limit: limit_bytes,
+            lru: Mutex::new(Lru::new(limit_bytes, metrics::blob_eviction)),
             clock,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Lru> {
+        self.lru.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().bytes()
     }
 }
 
@@ -84,82 +52,54 @@ impl BlobStore for MemoryBlobs {
         meta: &BlobMeta,
         bytes: Bytes,
         ttl: Duration,
+        channel: &str,
     ) -> Result<(), BrokerError> {
         let now = self.clock.now();
-        let mut inner = self.lock();
-        inner.tick += 1;
-        let tick = inner.tick;
-        if let Some(e) = inner.map.get_mut(id) {
-            e.expires = now + ttl;
-            e.used = tick;
-            return Ok(());
+        let mut lru = self.lock();
+        let stored = lru.insert(id, meta.clone(), bytes, now + ttl, now);
+        if let Some(e) = lru.get(id, now) {
+            e.expires = e.expires.max(now + ttl);
+            e.grant(channel, MAX_GRANTS);
         }
-        if bytes.len() > self.limit {
-            return Err(BrokerError::Internal(format!(
+        metrics::blob_store_bytes(lru.bytes());
+        stored.map_err(|bytes| {
+            BrokerError::Internal(format!(
                 "blob of {} bytes is larger than the blob store ({} bytes)",
                 bytes.len(),
-                self.limit
-            )));
-        }
-        inner.expire(now);
-        while inner.bytes + bytes.len() > self.limit {
-            let Some(oldest) = inner
-                .map
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(id, _)| id.clone())
-            else {
-                break;
-            };
-            inner.remove(&oldest, "lru");
-        }
-        inner.bytes += bytes.len();
-        inner.map.insert(
-            id.clone(),
-            Entry {
-                meta: meta.clone(),
-                bytes,
-                expires: now + ttl,
-                used: tick,
-            },
-        );
-        metrics::blob_store_bytes(inner.bytes);
-        Ok(())
+                lru.limit()
+            ))
+        })
     }
 
     async fn meta(
         &self,
         id: &BlobId,
+        access: Access<'_>,
         refresh: Option<Duration>,
     ) -> Result<Option<BlobMeta>, BrokerError> {
         let now = self.clock.now();
-        let mut inner = self.lock();
-        inner.tick += 1;
-        let tick = inner.tick;
-        match inner.map.get_mut(id) {
-            Some(e) if e.expires > now => {
-                e.used = tick;
-                if let Some(ttl) = refresh {
-                    e.expires = now + ttl;
-                }
-                Ok(Some(e.meta.clone()))
+        let mut lru = self.lock();
+        let meta = lru.get(id, now).and_then(|e| {
+            match access {
+                Access::Client(channel) if !e.grants.contains(channel) => return None,
+                Access::Backend(channel) => e.grant(channel, MAX_GRANTS),
+                Access::Client(_) | Access::Signed => {}
             }
-            Some(_) => {
-                inner.remove(id, "ttl");
-                Ok(None)
+            if let Some(ttl) = refresh {
+                e.expires = now + ttl;
             }
-            None => Ok(None),
-        }
+            Some(e.meta.clone())
+        });
+        metrics::blob_store_bytes(lru.bytes());
+        Ok(meta)
     }
 
     async fn read(&self, id: &BlobId, start: u64, len: u64) -> Result<Option<Bytes>, BrokerError> {
         let now = self.clock.now();
-        let inner = self.lock();
-        Ok(inner.map.get(id).filter(|e| e.expires > now).map(|e| {
-            let start = (start as usize).min(e.bytes.len());
-            let end = start.saturating_add(len as usize).min(e.bytes.len());
-            e.bytes.slice(start..end)
-        }))
+        Ok(self
+            .lock()
+            .get(id, now)
+            .map(|e| slice(&e.bytes, start, len)))
     }
 }
 
@@ -181,23 +121,31 @@ mod tests {
         let ttl = Duration::from_secs(60);
         let (a, b, c) = (BlobId::of(b"a"), BlobId::of(b"b"), BlobId::of(b"c"));
         store
-            .put(&a, &meta(4), Bytes::from_static(b"aaaa"), ttl)
+            .put(&a, &meta(4), Bytes::from_static(b"aaaa"), ttl, "c")
             .await
             .unwrap();
         store
-            .put(&b, &meta(4), Bytes::from_static(b"bbbb"), ttl)
+            .put(&b, &meta(4), Bytes::from_static(b"bbbb"), ttl, "c")
             .await
             .unwrap();
         assert!(
-            store.meta(&a, None).await.unwrap().is_some(),
+            store
+                .meta(&a, Access::Client("c"), None)
+                .await
+                .unwrap()
+                .is_some(),
             "a is now the more recent"
         );
         store
-            .put(&c, &meta(4), Bytes::from_static(b"cccc"), ttl)
+            .put(&c, &meta(4), Bytes::from_static(b"cccc"), ttl, "c")
             .await
             .unwrap();
         assert!(
-            store.meta(&b, None).await.unwrap().is_none(),
+            store
+                .meta(&b, Access::Client("c"), None)
+                .await
+                .unwrap()
+                .is_none(),
             "b was evicted"
         );
         assert_eq!(
@@ -206,10 +154,17 @@ mod tests {
         );
         assert_eq!(store.bytes(), 8);
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert!(store.meta(&a, None).await.unwrap().is_none(), "expired");
+        assert!(
+            store
+                .meta(&a, Access::Client("c"), None)
+                .await
+                .unwrap()
+                .is_none(),
+            "expired"
+        );
         assert!(store.read(&c, 0, 4).await.unwrap().is_none());
         let big = store
-            .put(&b, &meta(11), Bytes::from(vec![0; 11]), ttl)
+            .put(&b, &meta(11), Bytes::from(vec![0; 11]), ttl, "c")
             .await;
         assert!(big.is_err(), "larger than the whole store");
     }
@@ -220,20 +175,87 @@ mod tests {
         let a = BlobId::of(b"a");
         let ttl = Duration::from_secs(60);
         store
-            .put(&a, &meta(1), Bytes::from_static(b"a"), ttl)
+            .put(&a, &meta(1), Bytes::from_static(b"a"), ttl, "c")
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(50)).await;
         store
-            .put(&a, &meta(1), Bytes::from_static(b"a"), ttl)
+            .put(&a, &meta(1), Bytes::from_static(b"a"), ttl, "c")
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(50)).await;
-        assert!(store.meta(&a, Some(ttl)).await.unwrap().is_some());
+        assert!(
+            store
+                .meta(&a, Access::Client("c"), Some(ttl))
+                .await
+                .unwrap()
+                .is_some()
+        );
         tokio::time::advance(Duration::from_secs(50)).await;
         assert!(
-            store.meta(&a, None).await.unwrap().is_some(),
+            store
+                .meta(&a, Access::Client("c"), None)
+                .await
+                .unwrap()
+                .is_some(),
             "refreshed by meta"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blob_is_usable_only_in_the_channels_it_was_granted_to() {
+        let store = MemoryBlobs::new(100, Clock::system());
+        let a = BlobId::of(b"a");
+        let ttl = Duration::from_secs(60);
+        store
+            .put(&a, &meta(1), Bytes::from_static(b"a"), ttl, "chat:#alice")
+            .await
+            .unwrap();
+        let client = |c| Access::Client(c);
+        assert!(
+            store
+                .meta(&a, client("chat:#alice"), None)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .meta(&a, client("chat:room"), None)
+                .await
+                .unwrap()
+                .is_none(),
+            "knowing the id is not enough"
+        );
+        assert!(
+            store
+                .meta(&a, Access::Signed, None)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // The backend publishing it in a channel grants it there; so does an upload.
+        store
+            .meta(&a, Access::Backend("chat:room"), Some(ttl))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .meta(&a, client("chat:room"), None)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        store
+            .put(&a, &meta(1), Bytes::from_static(b"a"), ttl, "chat:other")
+            .await
+            .unwrap();
+        assert!(
+            store
+                .meta(&a, client("chat:other"), None)
+                .await
+                .unwrap()
+                .is_some()
         );
     }
 }

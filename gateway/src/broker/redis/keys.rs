@@ -66,6 +66,11 @@ impl Keys {
         format!("{}blob:{{{id}}}:m", self.prefix)
     }
 
+    /// The channels a blob is granted to (a set).
+    pub fn blob_grants(&self, id: &str) -> String {
+        format!("{}blob:{{{id}}}:c", self.prefix)
+    }
+
     /// A value every node shares (e.g. the blob URL signing key).
     pub fn shared(&self, name: &str) -> String {
         format!("{}shared:{name}", self.prefix)

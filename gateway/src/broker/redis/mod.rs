@@ -93,6 +93,8 @@ struct Scripts {
     layout_read: redis::Script,
     layout_claim: redis::Script,
     blob_put: redis::Script,
+    blob_meta: redis::Script,
+    blob_read: redis::Script,
 }
 
 pub struct RedisBroker {
@@ -256,7 +258,7 @@ impl RedisBroker {
             };
             Self {
                 keys,
-                clock,
+                clock: clock.clone(),
                 namespaces,
                 servers,
                 names,
@@ -271,11 +273,17 @@ impl RedisBroker {
                     presence_expire: redis::Script::new(scripts::PRESENCE_EXPIRE),
                     layout_read: redis::Script::new(layout::READ),
                     layout_claim: redis::Script::new(layout::CLAIM),
-                    blob_put: redis::Script::new(blobs::PUT),
+                    blob_put: redis::Script::new(&blobs::put_script()),
+                    blob_meta: redis::Script::new(&blobs::meta_script()),
+                    blob_read: redis::Script::new(blobs::READ_WHOLE),
                 },
                 local_presence: Mutex::default(),
                 upkeep_rounds: AtomicU64::new(0),
-                blob_store: blobs::RedisBlobs(me.clone()),
+                blob_store: blobs::RedisBlobs::new(
+                    me.clone(),
+                    config.blob_cache_bytes,
+                    clock.clone(),
+                ),
                 config,
             }
         });
