@@ -54,8 +54,10 @@ echo "== the same, fetched by signed URL (HTTP GET on the subscriber's node)"
 $img images --addr "$nodes" --subscribers 100 --images-per-second "$rate" --small-per-second 200 \
   --duration "$secs" --redis "127.0.0.1:$rport" --channel img-http --fetch http
 echo
-echo "== RPC: 20 callers, 100 B, direct vs through one node"
-$img rpc --addr "${addrs[0]}" --backend "127.0.0.1:$bport" --callers 20 --duration "$secs"
-echo
+for callers in 1 4 20; do
+  echo "== RPC: $callers caller(s), 100 B, direct vs through one node"
+  $img rpc --addr "${addrs[0]}" --backend "127.0.0.1:$bport" --callers "$callers" --duration "$secs"
+  echo
+done
 echo "== 1,000 clients uploading 1 MiB each at once to one node (budget 256 MiB)"
 $img uploads --addr "${addrs[0]}" --uploaders 1000 --image-bytes 1048576 --chunk 65536 --interval-ms 100

@@ -50,6 +50,7 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        limit_unsent(&stream);
         let shared = shared.clone();
         tokio::spawn(async move {
             let timeout = shared.0.config.transport.handshake_timeout;
@@ -233,6 +234,31 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
         );
     }
     r
+}
+
+/// Bytes the kernel may hold unsent for one connection. Linux's send buffer grows to
+/// megabytes; whatever sits there is beyond reordering, so a small frame written behind
+/// a blob download would wait for all of it to reach the client (seconds on a slow
+/// link). With `TCP_NOTSENT_LOWAT` the socket takes little more than this unsent, and
+/// the rest waits in the outbox, where small frames go first.
+const UNSENT_BYTES: libc::c_int = 128 * 1024;
+
+fn limit_unsent(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let value = UNSENT_BYTES;
+    // SAFETY: a valid socket descriptor and a c_int option of the declared size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
 }
 
 #[cfg(test)]

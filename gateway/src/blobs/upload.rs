@@ -427,7 +427,11 @@ mod tests {
             "one first buffer, not a reservation per chunk"
         );
         u.feed(1, &vec![0; FIRST_BUFFER], false, now).unwrap();
-        assert_eq!(budget.used(), 2 * (FIRST_BUFFER + 1000), "twice what arrived");
+        assert_eq!(
+            budget.used(),
+            2 * (FIRST_BUFFER + 1000),
+            "twice what arrived"
+        );
         u.feed(1, &vec![0; (1 << 20) - FIRST_BUFFER - 1000 - 1], false, now)
             .unwrap();
         assert_eq!(budget.used(), 1 << 20, "capped at the declared size");

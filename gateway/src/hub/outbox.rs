@@ -328,7 +328,11 @@ mod tests {
     fn a_reply_larger_than_the_budget_counts_against_it() {
         let o = Outbox::new(100);
         assert_eq!(o.push_reply(Bytes::from(vec![0; 1000])), Pushed::Queued);
-        assert_eq!(o.push(item(60)), Pushed::Overflow, "the reply filled the queue");
+        assert_eq!(
+            o.push(item(60)),
+            Pushed::Overflow,
+            "the reply filled the queue"
+        );
         let o = Outbox::new(100);
         assert_eq!(o.push_reply(Bytes::from(vec![0; 1000])), Pushed::Queued);
         let mut out = VecDeque::new();
