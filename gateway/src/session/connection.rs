@@ -119,7 +119,17 @@ where
             },
         }
         let close = core.take_output(&mut pending);
-        let bytes = pending.iter().map(Bytes::len).sum();
+        if close == Some(CloseCode::SlowConsumer) {
+            // Its queue overflowed: what is queued would only wait behind what the
+            // client is not reading. It recovers it after reconnecting.
+            pending.clear();
+        }
+        // A session's last write gets the grace period only, not time per byte: it must
+        // not hold a closing session (and its metrics) for as long as its bytes would.
+        let bytes = match close {
+            None => pending.iter().map(Bytes::len).sum(),
+            Some(_) => 0,
+        };
         let written = bounded(
             grace,
             bytes,
