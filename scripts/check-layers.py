@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parent.parent / "gateway" / "src"
 LAYERS = [
     ["lib", "main"],
     ["shutdown", "transport"],
-    ["api", "files"],
+    ["api", "files", "web"],
     ["node"],
     ["session"],
     ["channels", "rpc"],

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, clippy, unit and end-to-end tests (which
 # start the real gateway binary, and for the multi-node suite their own redis-server and
-# haproxy processes on free ports), and the browser test of the demo page. Installs what
-# is missing first, so a fresh machine passes with this one command.
+# haproxy processes on free ports), the check that the committed browser bundles are what
+# gateway/web builds, the client's unit tests, the headless-Chromium tests of both apps
+# and the README's examples. Installs what is missing first, so a fresh machine passes
+# with this one command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,10 +19,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-if [ ! -d tests/browser/node_modules/playwright-core ]; then
-  echo "==> installing playwright-core (drives the system chromium; no browser download)"
-  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
-fi
+for dir in tests/browser gateway/web; do
+  if ! (cd "$dir" && npm ls --depth=0 >/dev/null 2>&1); then
+    echo "==> npm ci in $dir (playwright-core drives the system chromium: no browser download)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+done
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -34,6 +38,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
-echo "==> browser test of the demo page"
-cargo build -p gateway --quiet
-node tests/browser/demo.test.mjs "${CARGO_TARGET_DIR:-target}/debug/gateway"
+echo "==> browser bundles are what gateway/web builds; client unit tests"
+(cd gateway/web && node build.mjs --check && npm test --silent)
+echo "==> both apps in headless Chromium on 3 nodes behind HAProxy; the README's examples"
+cargo build -p gateway --bins --examples --quiet
+target="${CARGO_TARGET_DIR:-target}/debug"
+node tests/browser/apps.test.mjs "$target/gateway" "$target/examples/volume_backend"
+node tests/browser/readme.test.mjs "$target/gateway"

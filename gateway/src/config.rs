@@ -453,6 +453,21 @@ pub struct Config {
     pub namespaces: Namespaces,
 }
 
+impl File {
+    /// What a node runs with when no `--config` file is given: the defaults plus a `chat`
+    /// namespace with Join/Leave, so the README's examples and the demo chat work as
+    /// written.
+    fn built_in() -> Self {
+        let mut file = Self::default();
+        let chat = NamespaceOptions {
+            join_leave: true,
+            ..NamespaceOptions::default()
+        };
+        file.namespaces.insert("chat".into(), chat);
+        file
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self::from_parts(Args::default(), File::default())
@@ -477,7 +492,7 @@ impl Config {
                     source,
                 })?
             }
-            None => File::default(),
+            None => File::built_in(),
         };
         let limits = file.limits.clone();
         let config = Self::from_parts(args, file);

@@ -25,6 +25,7 @@ pub mod rpc;
 pub mod session;
 pub mod shutdown;
 pub mod transport;
+pub mod web;
 
 use broker::Broker;
 use std::sync::Arc;

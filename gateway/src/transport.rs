@@ -9,7 +9,7 @@ use crate::{
     http::{Body, full, query_param, response, text},
     metrics,
     node::Node,
-    session,
+    session, web,
 };
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
@@ -23,8 +23,6 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
 };
-
-const DEMO_PAGE: &str = include_str!("../static/index.html");
 
 /// Accepts connections until `stop` turns true.
 pub async fn serve(
@@ -79,8 +77,8 @@ async fn route(
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/ws") => upgrade(node, req),
-        (&Method::GET, "/") => response(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/favicon.ico") => text(StatusCode::NO_CONTENT, ""),
         (&Method::GET, "/readyz") if node.is_ready() => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         (&Method::GET, "/metrics") => response(
@@ -92,7 +90,8 @@ async fn route(
         (&Method::GET | &Method::HEAD, p) if p.starts_with("/blobs/") => {
             files::serve(node, req.method(), path, req.uri().query(), req.headers()).await
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        (method, path) => web::serve(method, path, req.headers())
+            .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n")),
     }
 }
 

@@ -683,18 +683,39 @@ async fn join_and_leave_cross_nodes(url: &str) {
     ok(watcher.call(subscribe("chat:lobby")).await);
     assert!(matches!(watcher.push().await, Body::Join(_)), "own join");
     let mut guest = nodes[1].client(Encoding::Json).await;
-    let Body::Connect(info) = ok(guest.call(Command::Connect(Connect::default())).await) else {
+    let named = Connect {
+        name: "Zoë".into(),
+        ..Default::default()
+    };
+    let Body::Connect(info) = ok(guest.call(Command::Connect(named)).await) else {
         panic!()
     };
     ok(guest.call(subscribe("chat:lobby")).await);
     match watcher.push().await {
-        Body::Join(j) => assert_eq!(j.info.unwrap().client, info.client),
+        Body::Join(j) => {
+            let who = j.info.unwrap();
+            assert_eq!(
+                (who.client, who.name.as_str()),
+                (info.client.clone(), "Zoë")
+            );
+        }
         other => panic!("{other:?}"),
     }
     let (status, presence) = nodes[0].api("GET", "/api/v1/channels/chat:lobby/presence", "");
     assert_eq!(
         (status, presence["clients"].as_array().map(Vec::len)),
         (200, Some(2))
+    );
+    let names: Vec<&str> = presence["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["Zoë"],
+        "the display name is stored with presence"
     );
     drop(guest);
     match watcher.push().await {

@@ -172,10 +172,43 @@ async fn health_readiness_metrics_and_demo_page() {
     assert_eq!(server.http("GET", "/readyz", &[], "").0, 200);
     let (status, page) = server.http("GET", "/", &[], "");
     assert_eq!(status, 200);
+    assert!(page.contains("/chat.js"), "the chat app is at /");
+    let (status, page) = server.http("GET", "/volume", &[], "");
+    assert_eq!(status, 200);
     assert!(
-        page.contains("gateway.v1.json"),
-        "the demo page speaks the JSON encoding"
+        page.contains("/volume.js"),
+        "the volume viewer is at /volume"
     );
+    let dist = concat!(env!("CARGO_MANIFEST_DIR"), "/web/dist/");
+    for (path, file) in [
+        ("/client.js", "client.js"),
+        ("/client.d.ts", "client.d.ts"),
+        ("/client-json.js", "client-json.js"),
+    ] {
+        let (status, body) = server.http("GET", path, &[], "");
+        assert_eq!(status, 200, "{path}");
+        let want = std::fs::read_to_string(format!("{dist}{file}")).unwrap();
+        assert!(body == want, "{path} is the embedded {file}");
+    }
+    // Revalidation: the ETag of /client.js gives 304 without the body.
+    let head = raw_head(
+        server.addr,
+        "GET /client.js HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    let etag = head
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .expect("an ETag")
+        .to_owned();
+    assert!(head.contains("cache-control: no-cache"), "{head}");
+    let again = raw_head(
+        server.addr,
+        &format!(
+            "GET /client.js HTTP/1.1\r\nHost: t\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(again.starts_with("HTTP/1.1 304"), "{again}");
+    assert_eq!(server.http("GET", "/nope.js", &[], "").0, 404);
     let mut c = server.client(Encoding::Proto).await;
     ok(c.call(subscribe("m")).await);
     ok(c.call(publish("m", "x")).await);
@@ -419,4 +452,17 @@ async fn sigterm_drains_with_1012_and_exits() {
         .wait_exit(Duration::from_secs(10))
         .expect("exits after the drain");
     assert!(status.success());
+}
+
+/// The status line and headers of a raw HTTP request's response.
+fn raw_head(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    resp.split_once("\r\n\r\n")
+        .map_or(resp.to_string(), |(h, _)| h.to_owned())
 }

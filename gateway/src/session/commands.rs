@@ -24,6 +24,9 @@ use broker_proto::{
     },
 };
 
+/// Longest display name a client may give in `Connect`.
+const MAX_NAME_BYTES: usize = 64;
+
 impl SessionCore {
     /// Runs one command; `Ok(None)` means its answer comes later (blob chunks, an RPC
     /// result), made off this task and tagged with `id`.
@@ -119,6 +122,11 @@ impl SessionCore {
         if self.connected {
             return Err(CommandError::bad_request("already connected"));
         }
+        if connect.name.len() > MAX_NAME_BYTES {
+            return Err(CommandError::bad_request(format!(
+                "a name is at most {MAX_NAME_BYTES} bytes"
+            )));
+        }
         if !connect.token.is_empty() && self.ctx.verifier.enabled() {
             if !self.subscriptions.is_empty() {
                 return Err(CommandError::bad_request(
@@ -149,6 +157,7 @@ impl SessionCore {
             }
         }
         self.connected = true;
+        self.name = connect.name;
         let config = &self.ctx.config;
         Ok(Body::Connect(ConnectResult {
             client: self.client.clone(),

@@ -54,6 +54,8 @@ pub struct SessionCore {
     pub(super) ctx: Arc<Context>,
     pub(super) id: SessionId,
     pub(super) client: String,
+    /// The display name given in `Connect` (shown in presence, Join and Leave).
+    pub(super) name: String,
     pub(super) encoding: Encoding,
     pub(super) identity: Option<Identity>,
     pub(super) connected: bool,
@@ -91,6 +93,7 @@ impl SessionCore {
             encoding,
             identity,
             connected: false,
+            name: String::new(),
             subscriptions: Subscriptions::default(),
             uploads: Uploads::new(
                 UploadLimits {
@@ -145,6 +148,7 @@ impl SessionCore {
         ClientInfo {
             user: self.user().to_owned(),
             client: self.client.clone(),
+            name: self.name.clone(),
         }
     }
 

@@ -27,6 +27,10 @@ pub struct ChannelLog {
 
 /// What [`ChannelLog::append`] decided.
 #[derive(Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a return value that lives for one call; boxing would allocate per publish"
+)]
 pub enum Appended {
     /// A new publication, to be delivered.
     New(Position, Publication),

@@ -113,7 +113,7 @@ pub struct RedisBroker {
     cluster: bool,
     scripts: Scripts,
     /// Presence entries this node added, refreshed before they expire.
-    local_presence: Mutex<HashMap<ChannelName, HashMap<String, String>>>,
+    local_presence: Mutex<HashMap<ChannelName, HashMap<String, Vec<u8>>>>,
     upkeep_rounds: AtomicU64,
     blob_store: blobs::RedisBlobs,
 }
@@ -372,7 +372,7 @@ impl RedisBroker {
         if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
 
-    fn local_presence(&self) -> MutexGuard<'_, HashMap<ChannelName, HashMap<String, String>>> {
+    fn local_presence(&self) -> MutexGuard<'_, HashMap<ChannelName, HashMap<String, Vec<u8>>>> {
         self.local_presence
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -1,6 +1,7 @@
 //! Presence in Redis: per channel, a sorted set of client ids scored by expiry and a hash
-//! client → user. Each node refreshes the entries of its own clients before they expire,
-//! so a crashed node's entries expire on their own.
+//! client → who (the user id; or, for a client that gave a display name, a NUL byte and
+//! the encoded `ClientInfo` with user and name). Each node refreshes the entries of its
+//! own clients before they expire, so a crashed node's entries expire on their own.
 //!
 //! Presence heals:
 //! - a client's entry is remembered locally (for refreshing) only once its Join is
@@ -18,7 +19,44 @@ use crate::{
 };
 use broker_proto::v1::ClientInfo;
 use futures_util::StreamExt;
+use prost::Message as _;
 use redis::Value;
+
+/// A channel's local presence entries: client id → the value stored in Redis.
+type Members = Vec<(String, Vec<u8>)>;
+
+/// How a client is stored in the presence hash: its user id as it is (what nodes before
+/// display names wrote, and still the form without a name), or NUL + `ClientInfo`.
+pub(super) fn member_value(info: &ClientInfo) -> Vec<u8> {
+    if info.name.is_empty() {
+        return info.user.clone().into_bytes();
+    }
+    let who = ClientInfo {
+        user: info.user.clone(),
+        name: info.name.clone(),
+        client: String::new(),
+    };
+    let mut value = vec![0];
+    who.encode(&mut value).unwrap_or_default();
+    value
+}
+
+/// The client `client` from its presence hash value.
+fn member_info(client: &Value, value: Option<&Value>) -> ClientInfo {
+    let client = reply::text(client);
+    let bytes = value.and_then(reply::bulk).unwrap_or_default();
+    match bytes.split_first() {
+        Some((0, encoded)) => {
+            let who = ClientInfo::decode(encoded).unwrap_or_default();
+            ClientInfo { client, ..who }
+        }
+        _ => ClientInfo {
+            client,
+            user: String::from_utf8_lossy(bytes).into_owned(),
+            name: String::new(),
+        },
+    }
+}
 
 /// Channels refreshed or swept at once (each a pipeline in flight).
 const PRESENCE_CONCURRENCY: usize = 256;
@@ -30,7 +68,7 @@ impl RedisBroker {
     async fn presence_add(
         &self,
         channel: &ChannelName,
-        members: &[(String, String)],
+        members: &[(String, Vec<u8>)],
     ) -> Result<(), BrokerError> {
         if members.is_empty() {
             return Ok(());
@@ -93,7 +131,7 @@ impl RedisBroker {
         local
             .entry(channel.clone())
             .or_default()
-            .insert(client.client.clone(), client.user.clone());
+            .insert(client.client.clone(), member_value(client));
     }
 
     fn forget(&self, channel: &ChannelName, client: &str) {
@@ -115,7 +153,7 @@ impl RedisBroker {
     ) -> Result<(), BrokerError> {
         match change {
             PresenceChange::Join => {
-                let member = [(client.client.clone(), client.user.clone())];
+                let member = [(client.client.clone(), member_value(&client))];
                 self.presence_add(channel, &member).await?;
                 if announce {
                     let body = presence::announcement(channel, client.clone(), change);
@@ -161,10 +199,7 @@ impl RedisBroker {
             .await?;
         let mut clients: Vec<ClientInfo> = response
             .chunks(2)
-            .map(|pair| ClientInfo {
-                client: reply::text(&pair[0]),
-                user: pair.get(1).map(reply::text).unwrap_or_default(),
-            })
+            .map(|pair| member_info(&pair[0], pair.get(1)))
             .collect();
         presence::sort(&mut clients);
         Ok(clients)
@@ -173,7 +208,7 @@ impl RedisBroker {
     /// Re-adds this node's presence entries so they outlive their TTL while the clients
     /// stay, one pipeline per channel, many in flight at once.
     pub(super) async fn refresh_presence(&self) {
-        let channels: Vec<(ChannelName, Vec<(String, String)>)> = self
+        let channels: Vec<(ChannelName, Members)> = self
             .local_presence()
             .iter()
             .map(|(ch, m)| {
@@ -241,10 +276,7 @@ impl RedisBroker {
             .await?;
         Ok(response
             .chunks(2)
-            .map(|pair| ClientInfo {
-                client: reply::text(&pair[0]),
-                user: pair.get(1).map(reply::text).unwrap_or_default(),
-            })
+            .map(|pair| member_info(&pair[0], pair.get(1)))
             .collect())
     }
 }
