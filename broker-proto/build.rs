@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors.encode_to_vec())?
+        // A client newer than the server may send fields (or commands) it does not know:
+        // ignore them, as the binary encoding does; a frame left without a command is 104.
+        .ignore_unknown_fields()
         .out_dir(&out_dir)
         .build(&[".gateway.v1"])?;
     Ok(())

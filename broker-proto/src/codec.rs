@@ -96,6 +96,32 @@ impl DecodeError {
     }
 }
 
+/// One frame in the proto3 JSON mapping, where `null` means the field's default
+/// (JavaScript clients send it routinely). pbjson refuses `null` for scalars, so a frame
+/// that fails is read again with its `null` members removed.
+fn from_json_line<M: DeserializeOwned>(line: &str) -> Result<M, serde_json::Error> {
+    match serde_json::from_str(line) {
+        Ok(frame) => Ok(frame),
+        Err(e) if !line.contains("null") => Err(e),
+        Err(_) => {
+            let mut value: serde_json::Value = serde_json::from_str(line)?;
+            strip_nulls(&mut value);
+            serde_json::from_value(value)
+        }
+    }
+}
+
+fn strip_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
 /// Decodes every frame of one WebSocket message. With [`Encoding::Proto`], `bytes` fields
 /// of the result borrow from `payload` (no copy).
 pub fn decode_frames<M>(
@@ -149,7 +175,7 @@ where
                         max: limits.max_frame_bytes,
                     });
                 }
-                push(serde_json::from_str(line)?)?;
+                push(from_json_line(line)?)?;
             }
         }
     }
@@ -283,6 +309,38 @@ mod tests {
         match &parsed[0].command {
             Some(Command::Subscribe(s)) => assert_eq!((s.offset, s.recover), (42, true)),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Found by the hostile-input sweep: `null` (what JavaScript sends for "unset") and
+    /// an unknown command closed the connection with 1007; the binary encoding answered
+    /// 104 for the same. Now `null` is the default, and unknown fields are ignored.
+    #[test]
+    fn json_null_is_the_default_and_unknown_fields_are_ignored() {
+        let decode = |text: &'static str| -> Vec<ClientFrame> {
+            decode_frames(Encoding::Json, Bytes::from(text), &Limits::default()).unwrap()
+        };
+        let with_null =
+            decode(r#"{"id":1,"subscribe":{"channel":"room","epoch":null,"offset":null}}"#);
+        assert_eq!(
+            with_null,
+            decode(r#"{"id":1,"subscribe":{"channel":"room"}}"#)
+        );
+        let unknown = decode(r#"{"id":2,"teleport":{"to":"mars"}}"#);
+        assert_eq!((unknown[0].id, &unknown[0].command), (2, &None));
+        let newer = decode(r#"{"id":3,"ping":{},"priority":"high"}"#);
+        assert!(newer[0].command.is_some());
+        // Still errors: broken JSON, a wrong type.
+        for bad in [
+            r#"{"id":1,"subscribe":"#,
+            r#"{"id":"x"}"#,
+            r#"{"id":1,"subscribe":{"channel":5}}"#,
+        ] {
+            assert!(
+                decode_frames::<ClientFrame>(Encoding::Json, Bytes::from(bad), &Limits::default())
+                    .is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -79,6 +79,8 @@ impl Verifier {
             validation.algorithms = algorithms.to_vec();
             validation.set_required_spec_claims(&["sub"]);
             validation.leeway = 5;
+            // A token is not valid before its `nbf` (RFC 7519 §4.1.5), within the leeway.
+            validation.validate_nbf = true;
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
                 Ok(data) => {
                     return Ok(Identity {
@@ -156,6 +158,21 @@ mod tests {
         assert_eq!(
             v.verify(&token("s3cret", json!({"sub": "a", "exp": 1000}))),
             Err(AuthError::Expired)
+        );
+    }
+
+    /// Found by the hostile-input sweep: a token not valid for another hour was accepted.
+    #[test]
+    fn a_token_is_not_valid_before_its_nbf() {
+        let v = verifier();
+        let now = jsonwebtoken::get_current_timestamp();
+        assert!(matches!(
+            v.verify(&token("s3cret", json!({"sub": "a", "nbf": now + 3600}))),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(
+            v.verify(&token("s3cret", json!({"sub": "a", "nbf": now - 10})))
+                .is_ok()
         );
     }
 }

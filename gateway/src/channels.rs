@@ -9,7 +9,7 @@ use crate::{
     broker::{Broker, HistoryPage, Position, PublishRequest, blobs::Access},
     channel::ChannelName,
     config::{BlobsConfig, NamespaceOptions, Namespaces},
-    error::CommandError,
+    error::{CommandError, bounds},
     hub::Hub,
     metrics::{self, Metrics},
 };
@@ -168,6 +168,12 @@ impl Channels {
         mut request: PublishRequest,
         publisher: Publisher,
     ) -> Result<Position, CommandError> {
+        CommandError::check_len("contentType", &request.content_type, bounds::CONTENT_TYPE)?;
+        CommandError::check_len(
+            "idempotencyKey",
+            &request.idempotency_key,
+            bounds::IDEMPOTENCY_KEY,
+        )?;
         self.check_blobs(&mut request.blobs, channel, options, publisher)
             .await?;
         if request.data.len() > options.max_message_bytes {

@@ -57,6 +57,25 @@ impl CommandError {
     pub fn permission_denied(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::PermissionDenied, message)
     }
+
+    /// 104 when a client-supplied string is longer than `max` bytes: every string a client
+    /// sends has its own bound, apart from the payload's.
+    pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), Self> {
+        if value.len() > max {
+            return Err(Self::bad_request(format!("{field} is at most {max} bytes")));
+        }
+        Ok(())
+    }
+}
+
+/// Bounds on client-supplied strings (error 104 beyond them).
+pub mod bounds {
+    /// A publication's or upload's `contentType`, an RPC's `contentType`.
+    pub const CONTENT_TYPE: usize = 255;
+    /// A publish's `idempotencyKey`.
+    pub const IDEMPOTENCY_KEY: usize = 128;
+    /// `Connect.name` and `Connect.version`.
+    pub const CLIENT_LABEL: usize = 64;
 }
 
 impl From<BrokerError> for CommandError {

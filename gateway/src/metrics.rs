@@ -213,6 +213,11 @@ pub fn blob_store_bytes(bytes: usize) {
 }
 
 /// An upload `started`, `completed`, found `known` (skipped), or `aborted`.
+/// An idempotency key forgotten before its time because its channel had too many.
+pub fn idempotency_key_evicted() {
+    counter!("gateway_idempotency_keys_evicted_total").increment(1);
+}
+
 pub fn blob_upload(outcome: &'static str) {
     counter!("gateway_blob_uploads_total", "outcome" => outcome).increment(1);
 }

@@ -120,6 +120,15 @@ fn negotiate(headers: &HeaderMap, query: Option<&str>) -> Result<(Encoding, bool
     }
 }
 
+/// Whether a `Sec-WebSocket-Key` decodes to exactly 16 bytes.
+fn key_is_valid(key: &[u8]) -> bool {
+    use base64::Engine as _;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
 fn origin_allowed(node: &Node, headers: &HeaderMap) -> bool {
     let allowed = &node.config.transport.allowed_origins;
     if allowed.is_empty() || allowed.iter().any(|o| o == "*") {
@@ -141,9 +150,11 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     let version_ok = headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v == "13");
+    // RFC 6455 §4.2.1: the key is base64 of 16 bytes; anything else is not a handshake.
     let Some(key) = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .filter(|_| is_upgrade && version_ok)
+        .filter(|k| key_is_valid(k.as_bytes()))
     else {
         metrics::rejected("bad_handshake");
         return text(
@@ -263,6 +274,22 @@ fn limit_unsent(stream: &tokio::net::TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the hostile-input sweep: `abc` and an empty key were upgraded.
+    #[test]
+    fn a_websocket_key_must_be_16_bytes_in_base64() {
+        assert!(key_is_valid(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [
+            &b""[..],
+            b"abc",
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"dGhlIHNhbXBsZSBub25jZSE=",
+            b"dGhlIHNhbXBsZSBub25jZQ==dGhl",
+            b"!!!!!!!!!!!!!!!!!!!!!!==",
+        ] {
+            assert!(!key_is_valid(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn negotiates_subprotocol_then_format() {

@@ -11,7 +11,7 @@ use crate::{
     channel::ChannelName,
     channels::{Limit, Publisher},
     config::NamespaceOptions,
-    error::CommandError,
+    error::{CommandError, bounds},
     hub::Subscriber,
     metrics,
 };
@@ -23,9 +23,6 @@ use broker_proto::{
         client_frame::Command, server_frame::Body,
     },
 };
-
-/// Longest display name a client may give in `Connect`.
-const MAX_NAME_BYTES: usize = 64;
 
 impl SessionCore {
     /// Runs one command; `Ok(None)` means its answer comes later (blob chunks, an RPC
@@ -122,11 +119,8 @@ impl SessionCore {
         if self.connected {
             return Err(CommandError::bad_request("already connected"));
         }
-        if connect.name.len() > MAX_NAME_BYTES {
-            return Err(CommandError::bad_request(format!(
-                "a name is at most {MAX_NAME_BYTES} bytes"
-            )));
-        }
+        CommandError::check_len("name", &connect.name, bounds::CLIENT_LABEL)?;
+        CommandError::check_len("version", &connect.version, bounds::CLIENT_LABEL)?;
         if !connect.token.is_empty() && self.ctx.verifier.enabled() {
             if !self.subscriptions.is_empty() {
                 return Err(CommandError::bad_request(
@@ -134,6 +128,16 @@ impl SessionCore {
                 ));
             }
             match self.ctx.verifier.verify(&connect.token) {
+                // Authenticated at upgrade: `connect` may refresh the same user's token,
+                // never switch the connection to another user.
+                Ok(identity) if self.identity.is_some() => {
+                    if identity.user != self.user() {
+                        return Err(CommandError::permission_denied(
+                            "this connection is authenticated as another user",
+                        ));
+                    }
+                    self.identity = Some(identity);
+                }
                 Ok(identity) => {
                     self.identity = Some(identity);
                     self.ctx

@@ -243,6 +243,16 @@ impl SessionCore {
             return self.reply(id, Err(limited));
         }
         self.strikes = 0;
+        // An expired token ends the session at its next command, not at the next timer
+        // tick: 109, then close 4003.
+        if self.token_expired() {
+            let expired = CommandError::closing(
+                ErrorCode::TokenExpired,
+                "token expired",
+                CloseCode::TokenExpired,
+            );
+            return self.reply(id, Err(expired));
+        }
         let result = self.dispatch(id, frame.command).await;
         self.reply(id, result)
     }

@@ -12,7 +12,7 @@ use crate::{
         upload::{Fed, Start, UploadError},
     },
     broker::blobs::Access,
-    error::CommandError,
+    error::{CommandError, bounds},
     metrics,
     rpc::Call,
 };
@@ -102,6 +102,7 @@ impl SessionCore {
                 )
                 .into());
             }
+            CommandError::check_len("contentType", &put.content_type, bounds::CONTENT_TYPE)?;
             let (channel, options) = self.authorize_publish(&put.channel)?;
             let claimed = match put.id.as_str() {
                 "" => None,
@@ -279,6 +280,7 @@ impl SessionCore {
     }
 
     pub(super) fn rpc(&mut self, id: u32, call: Rpc) -> Result<(), CommandError> {
+        CommandError::check_len("contentType", &call.content_type, bounds::CONTENT_TYPE)?;
         let rpc = self.ctx.rpc.clone();
         let slot = Slot::take(&self.rpcs, rpc.max_in_flight()).ok_or_else(|| {
             CommandError::new(

@@ -238,6 +238,11 @@ impl Client {
     }
 
     pub async fn send_frames(&mut self, frames: &[ClientFrame]) {
+        self.try_send_frames(frames).await.unwrap();
+    }
+
+    /// Sends frames in one message; `Err` when the connection is gone.
+    pub async fn try_send_frames(&mut self, frames: &[ClientFrame]) -> Result<(), String> {
         let mut batch = Batch::new(self.encoding, 256);
         for f in frames {
             batch.push(&encode_frame(self.encoding, f));
@@ -247,7 +252,7 @@ impl Client {
             Encoding::Proto => Message::Binary(payload),
             Encoding::Json => Message::Text(payload.try_into().unwrap()),
         };
-        self.ws.send(msg).await.unwrap();
+        self.ws.send(msg).await.map_err(|e| e.to_string())
     }
 
     /// Reads the next WebSocket message's frames; `None` when the connection ended.

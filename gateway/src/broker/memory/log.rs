@@ -6,6 +6,7 @@ use crate::{
     broker::{HistoryPage, Position, PublishRequest, history::new_epoch},
     channel::ChannelName,
     config::NamespaceOptions,
+    metrics,
 };
 use broker_proto::v1::Publication;
 use std::{
@@ -15,13 +16,19 @@ use std::{
 
 /// Idempotency keys are remembered at least this long, even in channels without history.
 pub const MIN_IDEMPOTENCY_TTL: Duration = Duration::from_secs(60);
+/// Idempotency keys one channel remembers at most; beyond it the oldest is forgotten
+/// early (counted in `gateway_idempotency_keys_evicted_total`). Keys are at most 128
+/// bytes, so a channel's keys stay under ~2 MiB however fast clients publish.
+pub const MAX_IDEMPOTENCY_KEYS: usize = 10_000;
 
 #[derive(Debug)]
 pub struct ChannelLog {
     epoch: String,
     offset: u64,
     entries: VecDeque<(Instant, Publication)>,
-    idempotency: HashMap<String, (Instant, Position)>,
+    idempotency: HashMap<String, Position>,
+    /// The keys in `idempotency`, oldest first, to expire and evict without a scan.
+    idempotency_order: VecDeque<(Instant, String)>,
     last_publish: Instant,
 }
 
@@ -45,6 +52,7 @@ impl ChannelLog {
             offset: 0,
             entries: VecDeque::new(),
             idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
             last_publish: now,
         }
     }
@@ -66,7 +74,7 @@ impl ChannelLog {
     ) -> Appended {
         self.expire(options, now);
         if !request.idempotency_key.is_empty()
-            && let Some((_, position)) = self.idempotency.get(&request.idempotency_key)
+            && let Some(position) = self.idempotency.get(&request.idempotency_key)
         {
             return Appended::Duplicate(position.clone());
         }
@@ -95,8 +103,16 @@ impl ChannelLog {
             }
         }
         if !request.idempotency_key.is_empty() {
+            if self.idempotency_order.len() >= MAX_IDEMPOTENCY_KEYS
+                && let Some((_, oldest)) = self.idempotency_order.pop_front()
+            {
+                self.idempotency.remove(&oldest);
+                metrics::idempotency_key_evicted();
+            }
+            self.idempotency_order
+                .push_back((now, request.idempotency_key.clone()));
             self.idempotency
-                .insert(request.idempotency_key, (now, position.clone()));
+                .insert(request.idempotency_key, position.clone());
         }
         self.last_publish = now;
         Appended::New(position, publication)
@@ -113,8 +129,13 @@ impl ChannelLog {
             self.entries.pop_front();
         }
         let key_ttl = ttl.max(MIN_IDEMPOTENCY_TTL);
-        self.idempotency
-            .retain(|_, (at, _)| now.saturating_duration_since(*at) < key_ttl);
+        while let Some((at, _)) = self.idempotency_order.front()
+            && now.saturating_duration_since(*at) >= key_ttl
+        {
+            if let Some((_, key)) = self.idempotency_order.pop_front() {
+                self.idempotency.remove(&key);
+            }
+        }
     }
 
     /// Publications after `since`, at most `limit` (0: all retained).
@@ -241,6 +262,30 @@ mod tests {
         assert!(
             matches!(log.append(&ch, &o, req("a", "k1"), later, 0), Appended::New(p, _) if p.offset == 3)
         );
+    }
+
+    /// Found by the hostile-input sweep: keys had no count bound (one client pinned
+    /// hundreds of MB with distinct keys). The oldest goes first; the newest are kept.
+    #[test]
+    fn a_channel_remembers_a_bounded_number_of_keys() {
+        let ch = ChannelName::parse("c").unwrap();
+        let o = opts(10, 5);
+        let t = Instant::now();
+        let mut log = ChannelLog::new(t);
+        for i in 0..MAX_IDEMPOTENCY_KEYS + 5 {
+            log.append(&ch, &o, req("a", &format!("k{i}")), t, 0);
+        }
+        assert_eq!(log.idempotency.len(), MAX_IDEMPOTENCY_KEYS);
+        assert_eq!(log.idempotency_order.len(), MAX_IDEMPOTENCY_KEYS);
+        assert!(matches!(
+            log.append(&ch, &o, req("a", "k0"), t, 0),
+            Appended::New(..)
+        ));
+        let newest = format!("k{}", MAX_IDEMPOTENCY_KEYS + 4);
+        assert!(matches!(
+            log.append(&ch, &o, req("a", &newest), t, 0),
+            Appended::Duplicate(..)
+        ));
     }
 
     #[test]
