@@ -34,7 +34,7 @@ LAYERS = [
     ["broker"],
     ["hub"],
     ["auth", "config", "metrics", "http", "backoff", "clock", "blobs"],
-    ["channel"],
+    ["channel", "peers"],
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 

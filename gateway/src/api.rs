@@ -152,13 +152,22 @@ fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), CommandError> 
         .get("x-api-key")
         .map(HeaderValue::as_bytes)
         .unwrap_or_default();
-    // Compare in constant time so the key cannot be guessed byte by byte from timing.
-    let same = given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected.as_bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
+    // Several keys, comma-separated, are all accepted: add the new key, move callers to
+    // it, then remove the old one (rotation without downtime). Each is compared in
+    // constant time, and all are compared, so timing tells nothing about any of them.
+    let same = expected
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .fold(false, |found, key| {
+            let equal = given.len() == key.len()
+                && given
+                    .iter()
+                    .zip(key.as_bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
+            found | equal
+        });
     if same {
         Ok(())
     } else {

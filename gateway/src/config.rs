@@ -6,6 +6,7 @@
 use crate::{
     blobs::KindSet,
     channel::{ChannelError, ChannelName},
+    peers::Network,
 };
 use clap::Parser;
 use serde::Deserialize;
@@ -81,6 +82,8 @@ struct File {
     log_format: Option<LogFormat>,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
@@ -196,6 +199,7 @@ pub struct RpcConfig {
 #[serde(default, deny_unknown_fields)]
 struct LimitsFile {
     max_connections: usize,
+    max_connections_per_ip: usize,
     max_channels_per_connection: usize,
     max_message_bytes: usize,
     max_frames_per_message: usize,
@@ -217,6 +221,7 @@ impl Default for LimitsFile {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
+            max_connections_per_ip: 0,
             max_channels_per_connection: 128,
             max_message_bytes: 1 << 20,
             max_frames_per_message: 128,
@@ -244,6 +249,10 @@ pub struct TransportConfig {
     pub allowed_origins: Vec<String>,
     /// Open WebSockets per node; the next one is closed with 1013.
     pub max_connections: usize,
+    /// Open WebSockets per client address (0: unbounded); the next one is closed with 4029.
+    pub max_connections_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For`/`Forwarded` name the client's address.
+    pub trusted_proxies: Vec<Network>,
     /// Time to send the HTTP request head.
     pub handshake_timeout: Duration,
     /// Largest WebSocket message (and frame) a client may send: close 1009 above it.
@@ -495,6 +504,9 @@ impl Config {
             None => File::built_in(),
         };
         let limits = file.limits.clone();
+        for n in &file.trusted_proxies {
+            Network::parse(n).map_err(|e| ConfigError::Invalid(format!("trusted_proxies: {e}")))?;
+        }
         let config = Self::from_parts(args, file);
         config.validate(&limits)?;
         Ok(config)
@@ -520,6 +532,12 @@ impl Config {
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
                 allowed_origins: file.allowed_origins,
                 max_connections: l.max_connections,
+                max_connections_per_ip: l.max_connections_per_ip,
+                trusted_proxies: file
+                    .trusted_proxies
+                    .iter()
+                    .filter_map(|n| Network::parse(n).ok())
+                    .collect(),
                 handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
                 max_message_bytes: l.max_message_bytes,
                 ws_read_buffer_bytes: l.ws_read_buffer_bytes,

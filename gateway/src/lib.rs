@@ -21,6 +21,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod peers;
 pub mod rpc;
 pub mod session;
 pub mod shutdown;

@@ -11,12 +11,16 @@ use crate::{
     config::Config,
     hub::Hub,
     metrics::Metrics,
+    peers::{AddressSlot, PerAddress},
     rpc::RpcClient,
     session,
 };
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicUsize, Ordering},
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
 };
 
 /// A reserved WebSocket slot, released when dropped.
@@ -38,6 +42,8 @@ pub struct Node {
     pub sessions: Arc<session::Context>,
     /// Upgraded WebSockets, counted from the upgrade until the connection task ends.
     sockets: Arc<AtomicUsize>,
+    /// The same, per client address (`max_connections_per_ip`).
+    per_address: PerAddress,
     draining: AtomicBool,
 }
 
@@ -76,6 +82,7 @@ impl Node {
             clock,
             sessions,
             sockets: Arc::default(),
+            per_address: PerAddress::new(config.transport.max_connections_per_ip),
             draining: AtomicBool::new(false),
             config,
         }
@@ -98,6 +105,11 @@ impl Node {
                 (n < max).then_some(n + 1)
             });
         taken.ok().map(|_| SocketSlot(self.sockets.clone()))
+    }
+
+    /// Takes a slot for one more socket from `addr`; `None` when it holds the maximum.
+    pub fn reserve_address(&self, addr: IpAddr) -> Option<AddressSlot> {
+        self.per_address.take(addr)
     }
 
     pub fn is_draining(&self) -> bool {

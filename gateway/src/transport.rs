@@ -9,7 +9,7 @@ use crate::{
     http::{Body, full, query_param, response, text},
     metrics,
     node::Node,
-    session, web,
+    peers, session, web,
 };
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, net::IpAddr, sync::Arc};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_tungstenite::{
     WebSocketStream,
@@ -38,7 +38,7 @@ pub async fn serve(
             r = listener.accept() => r,
             _ = stop.wait_for(|s| *s) => break,
         };
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
@@ -54,7 +54,11 @@ pub async fn serve(
             let timeout = shared.0.config.transport.handshake_timeout;
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared.0, &shared.1, &shared.2, req).await) }
+                async move {
+                    Ok::<_, Infallible>(
+                        route(&shared.0, &shared.1, &shared.2, peer.ip(), req).await,
+                    )
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -72,11 +76,12 @@ async fn route(
     node: &Arc<Node>,
     prometheus: &PrometheusHandle,
     api: &api::Service,
+    peer: IpAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let path = req.uri().path();
     match (req.method(), path) {
-        (&Method::GET, "/ws") => upgrade(node, req),
+        (&Method::GET, "/ws") => upgrade(node, peer, req),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/favicon.ico") => text(StatusCode::NO_CONTENT, ""),
         (&Method::GET, "/readyz") if node.is_ready() => text(StatusCode::OK, "ready\n"),
@@ -141,7 +146,7 @@ fn origin_allowed(node: &Node, headers: &HeaderMap) -> bool {
     allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
 }
 
-fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Response<Body> {
     let headers = req.headers();
     let is_upgrade = headers
         .get(header::UPGRADE)
@@ -176,6 +181,8 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     // The slot is taken here, before the 101, so a burst of upgrades cannot overshoot
     // the limit; a rejected socket still holds none.
     let slot = node.reserve_socket();
+    let client = peers::client_addr(peer, headers, &node.config.transport.trusted_proxies);
+    let address_slot = node.reserve_address(client);
     let mut reject = None;
     if !origin_allowed(node, headers) {
         metrics::rejected("origin");
@@ -183,6 +190,10 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     } else if slot.is_none() {
         metrics::rejected("over_capacity");
         reject = Some(CloseCode::OverCapacity);
+    } else if address_slot.is_none() {
+        // One address holding too many sockets: back off (4029), not "go elsewhere".
+        metrics::rejected("per_ip");
+        reject = Some(CloseCode::RateLimited);
     }
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -201,7 +212,7 @@ fn upgrade(node: &Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut req);
     let node = node.clone();
     tokio::spawn(async move {
-        let _slot = slot;
+        let _slots = (slot, address_slot);
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

@@ -299,3 +299,78 @@ async fn connect_cannot_switch_an_authenticated_connection_to_another_user() {
     ok(d.call(publish("chat:#alice", "refreshed")).await);
     assert_node_serves(&server).await;
 }
+
+async fn connect_from(server: &Server, forwarded_for: &str) -> Client {
+    Client::connect_with(
+        &server.ws_url(""),
+        None,
+        Encoding::Proto,
+        &[("X-Forwarded-For", forwarded_for)],
+    )
+    .await
+    .unwrap()
+}
+
+/// `max_connections_per_ip`: the next socket from an address that holds the maximum is
+/// closed with 4029; `X-Forwarded-For` names the address only when a trusted proxy sent it.
+#[tokio::test]
+async fn connections_per_client_address_are_bounded() {
+    let limits = "[limits]\nmax_connections_per_ip = 2\n";
+    let behind_proxy = Server::start(&format!("trusted_proxies = [\"127.0.0.0/8\"]\n{limits}"));
+    let mut a1 = connect_from(&behind_proxy, "203.0.113.1").await;
+    let _a2 = connect_from(&behind_proxy, "198.51.100.7, 203.0.113.1").await;
+    ok(a1.call(subscribe("x")).await);
+    let mut a3 = connect_from(&behind_proxy, "203.0.113.1").await;
+    expect_close(&mut a3, 4029).await;
+    // Another client behind the same proxy is not affected.
+    let mut b = connect_from(&behind_proxy, "203.0.113.2").await;
+    ok(b.call(subscribe("x")).await);
+    // A closed socket gives its slot back.
+    drop(a1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = connect_from(&behind_proxy, "203.0.113.1").await;
+        match tokio::time::timeout(Duration::from_millis(300), again.next_or_closed()).await {
+            Ok(Err(code)) => {
+                assert_eq!(code, Some(4029));
+                assert!(Instant::now() < deadline, "the slot never came back");
+            }
+            _ => break,
+        }
+    }
+    assert!(behind_proxy.metric("gateway_connections_rejected_total{reason=\"per_ip\"}") >= 1.0);
+
+    // Without trusted proxies the header is the client's word: ignored.
+    let direct = Server::start(limits);
+    let _c1 = connect_from(&direct, "1.1.1.1").await;
+    let _c2 = connect_from(&direct, "2.2.2.2").await;
+    let mut c3 = connect_from(&direct, "3.3.3.3").await;
+    expect_close(&mut c3, 4029).await;
+}
+
+/// Rotating the API key: while both are configured, both work; nothing else does.
+#[tokio::test]
+async fn api_keys_rotate_without_downtime() {
+    let server = Server::start_with(CONFIG, &["--api-key", "old-key, test-key"]);
+    let body = r#"{"channel":"public:k","data":"aGk="}"#;
+    for key in ["old-key", "test-key"] {
+        let (status, _) = http_at(
+            server.addr,
+            "POST",
+            "/api/v1/publish",
+            &[("X-API-Key", key)],
+            body,
+        );
+        assert_eq!(status, 200, "{key}");
+    }
+    for key in ["", "old-key, test-key", "test-ke", "old-key,"] {
+        let (status, _) = http_at(
+            server.addr,
+            "POST",
+            "/api/v1/publish",
+            &[("X-API-Key", key)],
+            body,
+        );
+        assert_eq!(status, 401, "{key:?}");
+    }
+}
