@@ -510,3 +510,83 @@ mod tests {
         }
     }
 }
+
+/// Property tests: any frames survive a round trip in both encodings, and no input, however
+/// malformed, makes the decoder panic (it answers an error instead).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::v1::{BlobRef, ClientFrame, Publish, ServerFrame, Subscribe, client_frame::Command};
+    use proptest::prelude::*;
+
+    fn command() -> impl Strategy<Value = Option<Command>> {
+        let publish = (
+            "[A-Za-z0-9_.:@#/=-]{1,40}",
+            proptest::collection::vec(any::<u8>(), 0..300),
+            "\\PC{0,20}",
+            "\\PC{0,20}",
+            proptest::collection::vec("[0-9a-f]{64}", 0..3),
+        )
+            .prop_map(|(channel, data, content_type, key, blobs)| {
+                Command::Publish(Publish {
+                    channel,
+                    data: data.into(),
+                    content_type,
+                    idempotency_key: key,
+                    blobs: blobs
+                        .into_iter()
+                        .map(|id| BlobRef {
+                            id,
+                            ..BlobRef::default()
+                        })
+                        .collect(),
+                })
+            });
+        let subscribe = ("\\PC{0,40}", any::<bool>(), any::<u64>(), "\\PC{0,16}").prop_map(
+            |(channel, recover, offset, epoch)| {
+                Command::Subscribe(Subscribe {
+                    channel,
+                    recover,
+                    offset,
+                    epoch,
+                })
+            },
+        );
+        prop_oneof![Just(None), publish.prop_map(Some), subscribe.prop_map(Some)]
+    }
+
+    fn frames() -> impl Strategy<Value = Vec<ClientFrame>> {
+        proptest::collection::vec(
+            (any::<u32>(), command()).prop_map(|(id, command)| ClientFrame { id, command }),
+            1..8,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip_in_both_encodings(frames in frames()) {
+            for encoding in [Encoding::Proto, Encoding::Json] {
+                let mut batch = Batch::new(encoding, 64);
+                for f in &frames {
+                    batch.push(&encode_frame(encoding, f));
+                }
+                let back: Vec<ClientFrame> =
+                    decode_frames(encoding, batch.take(), &Limits::default()).unwrap();
+                prop_assert_eq!(&back, &frames);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            for encoding in [Encoding::Proto, Encoding::Json] {
+                let _ = decode_frames::<ClientFrame>(encoding, Bytes::from(bytes.clone()), &Limits::default());
+                let _ = decode_frames::<ServerFrame>(encoding, Bytes::from(bytes.clone()), &Limits::default());
+            }
+        }
+
+        #[test]
+        fn json_shaped_garbage_never_panics(text in "[{}\\[\\]\":,a-z0-9 .null-]{0,200}") {
+            let _ = decode_frames::<ClientFrame>(Encoding::Json, Bytes::from(text), &Limits::default());
+        }
+    }
+}
