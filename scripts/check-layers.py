@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parent.parent / "gateway" / "src"
 LAYERS = [
     ["lib", "main"],
     ["shutdown", "transport"],
-    ["api", "files", "web"],
+    ["api", "files", "web", "tls"],
     ["node"],
     ["session"],
     ["channels", "rpc"],

@@ -45,6 +45,12 @@ pub struct Args {
     /// Backend base URL for `rpc` commands (POST {url}/{method})
     #[arg(long, env = "GATEWAY_RPC_URL")]
     pub rpc_url: Option<String>,
+    /// TLS certificate chain (PEM): serve wss:// and https:// (with --tls-key)
+    #[arg(long, env = "GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM, PKCS#8, PKCS#1 or SEC1)
+    #[arg(long, env = "GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -84,6 +90,8 @@ struct File {
     allowed_origins: Vec<String>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    #[serde(default)]
+    tls: TlsFile,
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
@@ -158,6 +166,14 @@ pub struct BlobsConfig {
     /// Size of the per-node cache of blobs read from Redis (0: none).
     pub cache_bytes: usize,
     pub max_blobs_per_publication: usize,
+}
+
+/// `[tls]` as written in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TlsFile {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 /// `[rpc]` as written in the file.
@@ -253,6 +269,8 @@ pub struct TransportConfig {
     pub max_connections_per_ip: usize,
     /// Proxies whose `X-Forwarded-For`/`Forwarded` name the client's address.
     pub trusted_proxies: Vec<Network>,
+    /// Certificate chain and key files (PEM): TLS on the listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Time to send the HTTP request head.
     pub handshake_timeout: Duration,
     /// Largest WebSocket message (and frame) a client may send: close 1009 above it.
@@ -504,6 +522,13 @@ impl Config {
             None => File::built_in(),
         };
         let limits = file.limits.clone();
+        let cert = args.tls_cert.is_some() || file.tls.cert_file.is_some();
+        let key = args.tls_key.is_some() || file.tls.key_file.is_some();
+        if cert != key {
+            return Err(ConfigError::Invalid(
+                "TLS needs both a certificate and a key (--tls-cert and --tls-key)".into(),
+            ));
+        }
         for n in &file.trusted_proxies {
             Network::parse(n).map_err(|e| ConfigError::Invalid(format!("trusted_proxies: {e}")))?;
         }
@@ -538,6 +563,10 @@ impl Config {
                     .iter()
                     .filter_map(|n| Network::parse(n).ok())
                     .collect(),
+                tls: args
+                    .tls_cert
+                    .or(file.tls.cert_file)
+                    .zip(args.tls_key.or(file.tls.key_file)),
                 handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
                 max_message_bytes: l.max_message_bytes,
                 ws_read_buffer_bytes: l.ws_read_buffer_bytes,

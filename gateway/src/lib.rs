@@ -25,6 +25,7 @@ pub mod peers;
 pub mod rpc;
 pub mod session;
 pub mod shutdown;
+pub mod tls;
 pub mod transport;
 pub mod web;
 
@@ -38,6 +39,8 @@ pub enum StartError {
     Auth(#[from] auth::KeyError),
     #[error(transparent)]
     Redis(#[from] broker::redis::SetupError),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -98,6 +101,14 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
         tracing::info!("no API key configured: the HTTP API is disabled");
     }
 
+    let tls = match &node.config.transport.tls {
+        None => None,
+        Some((cert, key)) => {
+            let tls = tls::Tls::new(cert, key).map_err(StartError::Tls)?;
+            tls.watch();
+            Some(Arc::new(tls))
+        }
+    };
     let addr = node.config.transport.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -115,6 +126,7 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
         node.clone(),
         prometheus.clone(),
         listener,
+        tls,
         stop_rx,
     ));
     let upkeep = tokio::spawn({

@@ -213,6 +213,11 @@ pub fn blob_store_bytes(bytes: usize) {
 }
 
 /// An upload `started`, `completed`, found `known` (skipped), or `aborted`.
+/// A TLS certificate reload: `ok` or `error` (the old certificate stays).
+pub fn tls_reload(outcome: &'static str) {
+    counter!("gateway_tls_reloads_total", "outcome" => outcome).increment(1);
+}
+
 /// An idempotency key forgotten before its time because its channel had too many.
 pub fn idempotency_key_evicted() {
     counter!("gateway_idempotency_keys_evicted_total").increment(1);

@@ -9,7 +9,9 @@ use crate::{
     http::{Body, full, query_param, response, text},
     metrics,
     node::Node,
-    peers, session, web,
+    peers, session,
+    tls::Tls,
+    web,
 };
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
@@ -29,6 +31,7 @@ pub async fn serve(
     node: Arc<Node>,
     prometheus: PrometheusHandle,
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let api = api::service(node.clone());
@@ -50,25 +53,44 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         limit_unsent(&stream);
         let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let Some(tls) = tls else {
+                return serve_http(stream, shared, peer.ip()).await;
+            };
+            // The TLS handshake shares the HTTP head's time limit.
             let timeout = shared.0.config.transport.handshake_timeout;
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                async move {
-                    Ok::<_, Infallible>(
-                        route(&shared.0, &shared.1, &shared.2, peer.ip(), req).await,
-                    )
+            match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
+                Ok(Ok(stream)) => serve_http(stream, shared, peer.ip()).await,
+                Ok(Err(e)) => {
+                    metrics::rejected("tls");
+                    tracing::debug!(error = %e, "TLS handshake failed");
                 }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "http connection ended with an error");
+                Err(_) => metrics::rejected("tls_timeout"),
             }
         });
+    }
+}
+
+type Shared = Arc<(Arc<Node>, PrometheusHandle, api::Service)>;
+
+/// Serves HTTP/1.1 (and the WebSocket upgrade) on one connection, plain or TLS.
+async fn serve_http<S>(stream: S, shared: Shared, peer: IpAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = shared.0.config.transport.handshake_timeout;
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route(&shared.0, &shared.1, &shared.2, peer, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "http connection ended with an error");
     }
 }
 
