@@ -10,7 +10,9 @@
 // and prints benchmark numbers (not pass/fail thresholds): the chat page's load from a
 // cold cache, and slider-to-pixels latency over 200 moves.
 import { createHash } from "node:crypto";
+import { once } from "node:events";
 import { mkdirSync } from "node:fs";
+import net from "node:net";
 import { SignJWT } from "jose";
 import { chromium } from "playwright-core";
 import {
@@ -369,6 +371,50 @@ try {
     if (!codes.includes(4004)) throw new Error(`the client's ping never found the stalled link dead: ${codes}`);
     proxy.close();
     await page.context().close();
+  });
+
+  await t.check("a server that upgrades and then says nothing: the client gives up, retries, and bounds its commands", async () => {
+    // Found by the adversarial review: the client waited forever for the Connect reply.
+    const silent = net.createServer((s) => {
+      let head = "";
+      s.on("error", () => {});
+      s.on("data", (d) => {
+        head += d;
+        if (s.upgraded || !head.includes("\r\n\r\n")) return;
+        s.upgraded = true;
+        const key = /sec-websocket-key: (\S+)/i.exec(head)[1];
+        const proto = /sec-websocket-protocol: ([^,\r]+)/i.exec(head)?.[1];
+        const accept = createHash("sha1").update(`${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest("base64");
+        s.write(
+          `HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+            `Sec-WebSocket-Accept: ${accept}\r\n${proto ? `Sec-WebSocket-Protocol: ${proto}\r\n` : ""}\r\n`,
+        );
+      });
+    });
+    silent.listen(0, "127.0.0.1");
+    await once(silent, "listening");
+    const page = await newPage();
+    await page.goto(`${base}/volume`);
+    const r = await page.evaluate(async (url) => {
+      const { Client } = await import("/client.js");
+      const c = new Client(url, { requestTimeoutMs: 3000 });
+      const drops = [];
+      c.on("disconnected", (d) => drops.push(d.code));
+      const t0 = performance.now();
+      const publish = c.publish("x", "hi", { timeoutMs: 2000 }).then(
+        () => "resolved",
+        (e) => `rejected after ${Math.round(performance.now() - t0)} ms: ${e.message}`,
+      );
+      await new Promise((res) => setTimeout(res, 6000));
+      const state = c.state;
+      c.close();
+      return { drops, publish: await publish, state };
+    }, `ws://127.0.0.1:${silent.address().port}/ws`);
+    silent.close();
+    await page.context().close();
+    console.log(`  ${JSON.stringify(r)}`);
+    if (r.drops.length < 2) throw new Error(`gave up ${r.drops.length} times in 6 s`);
+    if (!/^rejected after (1|2)\d{3} ms/.test(r.publish)) throw new Error(`publish: ${r.publish}`);
   });
 } finally {
   await browser.close();

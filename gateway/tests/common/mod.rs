@@ -742,8 +742,9 @@ impl RedisCluster {
             .iter()
             .map(|m| format!("127.0.0.1:{}", m.port))
             .collect();
-        let status = Process::new("redis-cli")
-            .args(["--cluster", "create"])
+        // Bounded: redis-cli waits forever for a node that died while the cluster forms.
+        let status = Process::new("timeout")
+            .args(["60", "redis-cli", "--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())

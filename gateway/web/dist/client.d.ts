@@ -839,6 +839,8 @@ export declare class Subscription extends Emitter<SubscriptionEvents> {
 	#private;
 	readonly channel: string;
 	readonly client: Client;
+	/** @internal Subscribe attempts that failed temporarily in a row. */
+	retries: number;
 	constructor(client: Client, channel: string, options: SubscribeOptions, link: Link);
 	/** Where the subscription is: save it to resume later (`subscribe(…, { since })`). */
 	get position(): {

@@ -195,6 +195,8 @@ export class Client extends Emitter<ClientEvents> {
   #heard = 0;
   #pingSent = 0;
   #refreshed = 0;
+  /** When the current socket was opened. */
+  #openedAt = 0;
   #maxMessage = 1 << 20;
   /** The session: client id and node (once connected). */
   session: { client: string; node: string } | undefined;
@@ -276,7 +278,8 @@ export class Client extends Emitter<ClientEvents> {
     const deadline = now() + (options.timeoutMs ?? 60_000);
     for (let attempt = 0; ; attempt++) {
       try {
-        const body = await this.#request({ case: "publish", value }, { retry: true });
+        const left = Math.max(1, deadline - now());
+        const body = await this.#request({ case: "publish", value }, { retry: true, timeoutMs: left });
         if (body.case !== "publish") throw new GatewayError(104, "unexpected reply", false);
         return { offset: body.value.offset, epoch: body.value.epoch };
       } catch (e) {
@@ -329,6 +332,7 @@ export class Client extends Emitter<ClientEvents> {
    * again. Restarted from the beginning if the connection drops. */
   async uploadBlob(channel: string, file: Blob | Uint8Array, options: UploadOptions = {}): Promise<BlobRef> {
     const bytes = file instanceof Uint8Array ? file : new Uint8Array(await file.arrayBuffer());
+    if (bytes.length === 0) throw new GatewayError(113, "an empty file is not an image", false);
     const contentType = options.contentType || (file instanceof Blob ? file.type : "") || "application/octet-stream";
     const id = await sha256Hex(bytes);
     for (let attempt = 0; ; attempt++) {
@@ -408,37 +412,49 @@ export class Client extends Emitter<ClientEvents> {
     done(0);
     const inFlight: Promise<Body>[] = [];
     let result: BlobRef | undefined;
-    for (let i = 1; i < pieces; i++) {
-      inFlight.push(put(i));
-      if (inFlight.length >= UPLOAD_WINDOW || i === pieces - 1) {
-        while (inFlight.length > (i === pieces - 1 ? 0 : UPLOAD_WINDOW - 1)) {
-          const k = i - inFlight.length + 1;
-          const body = await (inFlight.shift() as Promise<Body>);
-          done(k);
-          if (body.case === "blobPut" && body.value.blob) result = body.value.blob;
+    try {
+      for (let i = 1; i < pieces; i++) {
+        inFlight.push(put(i));
+        if (inFlight.length >= UPLOAD_WINDOW || i === pieces - 1) {
+          while (inFlight.length > (i === pieces - 1 ? 0 : UPLOAD_WINDOW - 1)) {
+            const k = i - inFlight.length + 1;
+            const body = await (inFlight.shift() as Promise<Body>);
+            done(k);
+            if (body.case === "blobPut" && body.value.blob) result = body.value.blob;
+          }
         }
       }
+    } catch (e) {
+      // The chunks still in flight fail the same way: nobody is left to await them.
+      for (const p of inFlight) p.catch(() => {});
+      throw e;
     }
     if (!result) throw new GatewayError(113, "the upload ended without a blob", false);
     return result;
   }
 
-  /** Resolves once connected (rejects if closed for good). */
+  /** Resolves once connected; rejects if closed for good, or (temporary) after
+   * `requestTimeoutMs`. */
   #connected(): Promise<void> {
     if (this.#state === "connected") return Promise.resolve();
     return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        off();
+        reject(new GatewayError(0, "not connected in time", true));
+      }, this.#o.requestTimeoutMs);
       const off = this.on("state", (s) => {
-        if (s === "connected") off(), resolve();
-        else if (s === "closed") off(), reject(new GatewayError(0, "client closed", false));
+        if (s === "connected") clearTimeout(timer), off(), resolve();
+        else if (s === "closed") clearTimeout(timer), off(), reject(new GatewayError(0, "client closed", false));
       });
     });
   }
 
-  #request(command: Command, opts: { retry?: boolean; live?: boolean } = {}): Promise<Body> {
+  #request(command: Command, opts: { retry?: boolean; live?: boolean; timeoutMs?: number } = {}): Promise<Body> {
     return new Promise((resolve, reject) => {
       this.#track(frame(this.#id(), command), {
         retry: opts.retry ?? false,
         live: opts.live ?? false,
+        timeoutMs: opts.timeoutMs,
         reject,
         onReply: (f) => {
           const err = replyError(f);
@@ -452,15 +468,16 @@ export class Client extends Emitter<ClientEvents> {
 
   #track(
     f: ClientFrame,
-    r: Pick<Request, "retry" | "live" | "onReply" | "reject">,
+    r: Pick<Request, "retry" | "live" | "onReply" | "reject"> & { timeoutMs?: number },
   ): void {
     if (this.#stopped) return r.reject(new GatewayError(0, "client closed", false));
     if (r.live && this.#state !== "connected") return r.reject(new GatewayError(0, "not connected", true));
-    const req: Request = { ...r, frame: f, sent: false, timer: undefined };
+    const { timeoutMs, ...rest } = r;
+    const req: Request = { ...rest, frame: f, sent: false, timer: undefined };
     req.timer = setTimeout(() => {
       this.#requests.delete(f.id);
       req.reject(new GatewayError(0, "no reply in time", true));
-    }, this.#o.requestTimeoutMs);
+    }, Math.min(timeoutMs ?? Infinity, this.#o.requestTimeoutMs));
     this.#requests.set(f.id, req);
     if (this.#state === "connected") {
       req.sent = true;
@@ -485,9 +502,23 @@ export class Client extends Emitter<ClientEvents> {
       timer: undefined,
       reject: () => {},
       onReply: (reply) => {
+        if (this.#subs.get(sub.channel) !== sub) return true; // unsubscribed meanwhile
         const err = replyError(reply);
-        if (err) sub.failed(err);
-        else if (reply.body.case === "subscribe") sub.subscribed(reply.body.value);
+        if (!err) {
+          if (reply.body.case === "subscribe") sub.subscribed(reply.body.value);
+          return true;
+        }
+        sub.failed(err);
+        if (isTemporary(err.code, err.temporary)) {
+          // The broker hiccuped (108, 100): try again while connected; recovery from the
+          // subscription's position makes the retry lose nothing.
+          const delay = backoffDelay(Math.min(sub.retries++, 6), { minMs: 500, maxMs: 10_000 });
+          setTimeout(() => {
+            if (this.#state === "connected" && this.#subs.get(sub.channel) === sub) this.#subscribeNow(sub);
+          }, delay);
+        } else {
+          this.#subs.delete(sub.channel); // refused for good (102, 103, 106): the app decides
+        }
         return true;
       },
     });
@@ -552,6 +583,7 @@ export class Client extends Emitter<ClientEvents> {
     this.#ws = ws;
     this.#serverCode = undefined;
     this.#heard = now();
+    this.#openedAt = this.#heard;
     this.#pingSent = 0;
     ws.onopen = () => void this.#handshake(ws);
     ws.onmessage = (ev) => this.#onMessage(ws, ev.data as ArrayBuffer | string);
@@ -659,8 +691,10 @@ export class Client extends Emitter<ClientEvents> {
     this.#pinger = setInterval(() => {
       if (ws !== this.#ws) return clearInterval(this.#pinger);
       const t = now();
-      if (ws.readyState === WebSocket.CONNECTING) {
-        if (t - this.#heard > this.#o.requestTimeoutMs / 3) this.#drop(ws, 1006, "connect timed out");
+      // Opening, fetching a token, or waiting for the Connect reply: all within one bound,
+      // or the connection counts as dropped (a proxy that accepts and says nothing).
+      if (this.#state !== "connected") {
+        if (t - this.#openedAt > this.#o.requestTimeoutMs / 3) this.#drop(ws, 1006, "connect timed out");
         return;
       }
       if (this.#pingSent > this.#heard) {
@@ -712,8 +746,10 @@ export class Client extends Emitter<ClientEvents> {
     if (reaction.kind === "spread") delay = Math.floor(Math.random() * reaction.spreadMs);
     else if (reaction.kind === "refresh-token" && !refreshedLately) delay = 0;
     else {
+      // A floor (1013, 4029) plus the jittered delay: clients refused together do not
+      // come back together.
       const floor = reaction.kind === "backoff" ? reaction.minMs : 0;
-      delay = Math.max(floor, backoffDelay(this.#attempt++, this.#backoff()));
+      delay = floor + backoffDelay(this.#attempt++, this.#backoff());
     }
     this.#setState("disconnected");
     this.emit("disconnected", { ...why, reconnectInMs: delay });
@@ -747,6 +783,9 @@ interface Link {
   history(since: bigint, limit: number): Promise<{ publications: Publication[]; epoch: string }>;
 }
 
+/** Live publications a subscription holds at most while it catches up. */
+const MAX_HELD = 10_000;
+
 /** A channel subscription: delivers each publication once, in order, across reconnects. */
 export class Subscription extends Emitter<SubscriptionEvents> {
   readonly channel: string;
@@ -759,6 +798,8 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   #held: Publication[] | undefined;
   #everSubscribed = false;
   #active = true;
+  /** @internal Subscribe attempts that failed temporarily in a row. */
+  retries = 0;
 
   constructor(client: Client, channel: string, options: SubscribeOptions, link: Link) {
     super();
@@ -793,6 +834,7 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     const asked = this.recoverFrom();
     const resubscribed = this.#everSubscribed;
     this.#everSubscribed = true;
+    this.retries = 0;
     this.#recoverable = r.recoverable;
     this.#held = undefined;
     if (asked.recover && r.recovered) {
@@ -833,7 +875,8 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   /** @internal */
   publication(p: Publication): void {
     if (this.#held) {
-      this.#held.push(p);
+      // Bounded: what is not held is recovered after the position anyway.
+      if (this.#held.length < MAX_HELD) this.#held.push(p);
       return;
     }
     switch (this.#pos.accept(p.epoch, p.offset)) {

@@ -9,11 +9,12 @@ export type Reaction =
   /** Reconnect after a random delay within `spreadMs` (a draining node: spread the load). */
   | { kind: "spread"; spreadMs: number };
 
-const STOP = new Set([1000, 1002, 1003, 1007, 1008, 1009, 4000, 4001]);
+const STOP = new Set([1000, 1002, 1003, 1007, 1008, 1009, 4000]);
 
 export function closeReaction(code: number): Reaction {
   if (STOP.has(code)) return { kind: "stop" };
   switch (code) {
+    case 4001: // token invalid: a new one may be valid (getToken); without it, stop
     case 4003: // token expired
       return { kind: "refresh-token" };
     case 1012: // node draining or restarting

@@ -17,10 +17,12 @@ test("backoff: full jitter under an exponential cap", () => {
 });
 
 test("close codes: stop, refresh the token, back off, or spread", () => {
-  for (const code of [1000, 1002, 1003, 1007, 1008, 1009, 4000, 4001]) {
+  for (const code of [1000, 1002, 1003, 1007, 1008, 1009, 4000]) {
     assert.deepEqual(closeReaction(code), { kind: "stop" }, `${code}`);
   }
   assert.deepEqual(closeReaction(4003), { kind: "refresh-token" });
+  // A bad token may be replaced by getToken (DESIGN.md: "get a new token").
+  assert.deepEqual(closeReaction(4001), { kind: "refresh-token" });
   assert.deepEqual(closeReaction(1012), { kind: "spread", spreadMs: 5_000 });
   assert.deepEqual(closeReaction(1013), { kind: "backoff", minMs: 5_000 });
   assert.deepEqual(closeReaction(4029), { kind: "backoff", minMs: 5_000 });
