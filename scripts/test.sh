@@ -21,12 +21,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-for dir in tests/browser gateway/web; do
-  if ! (cd "$dir" && npm ls --depth=0 >/dev/null 2>&1); then
-    echo "==> npm ci in $dir (playwright-core drives the system chromium: no browser download)"
-    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
-  fi
-done
+if ! (cd tests/browser && npm ls --depth=0 >/dev/null 2>&1); then
+  echo "==> npm ci in tests/browser (playwright-core drives the system chromium: no browser download)"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+# `npm install`, not `npm ci`, in gateway/web: the lock pins every version, but it lacks the
+# other platforms' optional buf binaries (the registry mirror here does not serve them),
+# which `npm ci` refuses; `npm install` installs exactly the locked versions for this one.
+if ! (cd gateway/web && npm ls --depth=0 >/dev/null 2>&1); then
+  echo "==> npm install in gateway/web (buf, esbuild, typescript at the locked versions)"
+  (cd gateway/web && npm install --no-audit --no-fund --loglevel=error)
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

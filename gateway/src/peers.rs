@@ -115,10 +115,10 @@ pub struct PerAddress {
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
-/// One counted socket; the count drops with it.
+/// One counted socket; the count drops with it (nothing is counted without a limit).
 pub struct AddressSlot {
     addr: IpAddr,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    counts: Option<Arc<Mutex<HashMap<IpAddr, usize>>>>,
 }
 
 impl PerAddress {
@@ -132,10 +132,7 @@ impl PerAddress {
     /// Counts a socket from `addr`; `None` when the address already holds `limit`.
     pub fn take(&self, addr: IpAddr) -> Option<AddressSlot> {
         if self.limit == 0 {
-            return Some(AddressSlot {
-                addr,
-                counts: Arc::default(),
-            });
+            return Some(AddressSlot { addr, counts: None });
         }
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(addr).or_default();
@@ -145,14 +142,15 @@ impl PerAddress {
         *n += 1;
         Some(AddressSlot {
             addr,
-            counts: self.counts.clone(),
+            counts: Some(self.counts.clone()),
         })
     }
 }
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(counts) = &self.counts else { return };
+        let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = counts.get_mut(&self.addr) {
             *n -= 1;
             if *n == 0 {
