@@ -229,9 +229,18 @@ try {
     }, positions);
     if (maxPending > 2) throw new Error(`${maxPending} requests in flight`);
     const last = positions.at(-1);
-    await page.waitForFunction((last) => window.volume.shown.index === last && window.volume.shown.sha256 !== "", last, {
-      timeout: 10_000,
-    });
+    await page
+      .waitForFunction((last) => window.volume.shown.index === last && window.volume.shown.sha256 !== "", last, {
+        timeout: 10_000,
+      })
+      .catch(async (e) => {
+        const state = await page.evaluate(() => ({
+          shown: window.volume.shown,
+          pending: window.volume.pending,
+          status: document.getElementById("status").textContent,
+        }));
+        throw new Error(`slice ${last} not shown: ${JSON.stringify(state)}: ${e.message}`);
+      });
     const served = Buffer.from(
       await (await fetch(`http://${backend.addr}/volume.slice`, { method: "POST", body: String(last) })).arrayBuffer(),
     );

@@ -2,7 +2,7 @@
 // renders; every slider move is an `rpc("volume.slice", i)` through the gateway, kept to
 // one call in flight and one waiting (`latest`), so a fast slider never queues stale
 // slices. Shows the slice index, the image's size and the round trip.
-import { Client, sha256Hex } from "/client.js";
+import { Client, type GatewayError, sha256Hex } from "/client.js";
 import * as THREE from "three";
 import { OrbitControls } from "three/addons/controls/OrbitControls.js";
 
@@ -71,13 +71,19 @@ const timings: number[] = [];
 const phases: { rtt: number; decode: number; frame: number }[] = [];
 const shown = { index: -1, sha256: "", bytes: 0 };
 
-async function request(index: number, movedAt: number): Promise<void> {
+async function request(index: number, movedAt: number, attempt = 0): Promise<void> {
   const asked = performance.now();
   let answer;
   try {
     answer = await slice.run(String(index));
   } catch (e) {
     status.textContent = `error: ${(e as Error).message}`;
+    // A dropped connection or a backend timeout: ask again if the slider still points here.
+    if ((e as GatewayError).temporary && attempt < 3) {
+      setTimeout(() => {
+        if (Number(slider.value) === index) void request(index, movedAt, attempt + 1);
+      }, 200 * (attempt + 1));
+    }
     return;
   }
   if (!answer) return; // a newer move replaced this one
@@ -99,6 +105,7 @@ async function request(index: number, movedAt: number): Promise<void> {
     timings.push(now - movedAt);
     phases.push({ rtt, decode: decoded - answered, frame: now - decoded });
     shown.index = index;
+    shown.sha256 = "";
     shown.bytes = answer.data.length;
     void sha256Hex(answer.data).then((h) => {
       if (shown.index === index) shown.sha256 = h;
