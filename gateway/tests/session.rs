@@ -355,17 +355,6 @@ async fn idempotent_publish_is_delivered_once() {
     c.quiet_for(Duration::from_millis(200)).await;
 }
 
-async fn expect_close(c: &mut Client, code: u16) {
-    let closed = c.closed().await;
-    assert_eq!(
-        closed,
-        Closed {
-            disconnect: Some(u32::from(code)),
-            close: Some(code)
-        }
-    );
-}
-
 #[tokio::test]
 async fn bad_frames_close_with_the_documented_code() {
     let server = Server::start("[limits]\nmax_message_bytes = 4096\n");

@@ -401,6 +401,18 @@ impl Client {
     }
 }
 
+/// Asserts the server closed with `code`, after a `Disconnect` push with the same code.
+pub async fn expect_close(c: &mut Client, code: u16) {
+    let closed = c.closed().await;
+    assert_eq!(
+        closed,
+        Closed {
+            disconnect: Some(u32::from(code)),
+            close: Some(code)
+        }
+    );
+}
+
 pub fn subscribe(channel: &str) -> Command {
     Command::Subscribe(Subscribe {
         channel: channel.into(),
