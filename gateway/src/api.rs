@@ -178,16 +178,127 @@ fn authorized(node: &Node, req: &Request<Incoming>) -> Result<(), CommandError> 
     }
 }
 
+/// An API request, parsed and checked for shape before anything acts on it. Channel names
+/// are resolved against the namespaces when it runs.
+#[derive(Debug)]
+pub enum ApiRequest {
+    Publish(Publish),
+    Broadcast {
+        channels: Vec<String>,
+        publish: Publish,
+    },
+    Disconnect {
+        user: String,
+    },
+    Nodes,
+    History {
+        channel: String,
+        since_offset: u64,
+        limit: u32,
+    },
+    Presence {
+        channel: String,
+    },
+    /// `POST /api/v1/blobs?channel=C`: the body is the image, read by the handler.
+    UploadBlob {
+        channel: String,
+    },
+}
+
+impl ApiRequest {
+    /// Whether the route's body is JSON to read before [`parse`] (blob bodies are read
+    /// as they come, inside the upload budget).
+    fn has_json_body(method: &Method, path: &str) -> bool {
+        *method == Method::POST && path != "/api/v1/blobs"
+    }
+}
+
+/// Parses method, path, query and (JSON) body into a request, or the 102/104/110 error
+/// the caller gets. Pure: the fuzz target `api_request` drives it with arbitrary input.
+pub fn parse(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<ApiRequest, CommandError> {
+    fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CommandError> {
+        serde_json::from_slice(body).map_err(|e| bad_request(format!("bad JSON: {e}")))
+    }
+    match (method, path) {
+        (&Method::POST, "/api/v1/publish") => Ok(ApiRequest::Publish(json(body)?)),
+        (&Method::POST, "/api/v1/broadcast") => {
+            let req: BroadcastRequest = json(body)?;
+            if req.channels.is_empty() || req.channels.len() > 1000 {
+                return Err(bad_request("channels must list 1 to 1000 channels"));
+            }
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(&req.data)
+                .map_err(|e| bad_request(format!("data is not base64: {e}")))?;
+            Ok(ApiRequest::Broadcast {
+                channels: req.channels,
+                publish: Publish {
+                    channel: String::new(),
+                    data: Bytes::from(data),
+                    content_type: req.content_type,
+                    idempotency_key: req.idempotency_key,
+                    blobs: req.blobs,
+                },
+            })
+        }
+        (&Method::POST, "/api/v1/disconnect") => {
+            let req: DisconnectRequest = json(body)?;
+            if req.user.is_empty() {
+                return Err(bad_request("user must not be empty"));
+            }
+            Ok(ApiRequest::Disconnect { user: req.user })
+        }
+        (&Method::POST, "/api/v1/blobs") => {
+            let name = h::query_param(query, "channel")
+                .ok_or_else(|| bad_request("channel is required"))?;
+            let channel = h::percent_decode(name).map_err(bad_param)?;
+            Ok(ApiRequest::UploadBlob { channel })
+        }
+        (&Method::GET, "/api/v1/nodes") => Ok(ApiRequest::Nodes),
+        (&Method::GET, p) => {
+            const CHANNELS: &str = "/api/v1/channels/";
+            if let Some(name) = h::path_segment(p, CHANNELS, "/history") {
+                let channel = h::percent_decode(name).map_err(bad_param)?;
+                let since_offset = h::query_u64(query, "since_offset")
+                    .map_err(bad_param)?
+                    .unwrap_or(0);
+                let limit = h::query_u64(query, "limit")
+                    .map_err(bad_param)?
+                    .unwrap_or(0);
+                let limit = u32::try_from(limit).map_err(|_| bad_request("limit too large"))?;
+                Ok(ApiRequest::History {
+                    channel,
+                    since_offset,
+                    limit,
+                })
+            } else if let Some(name) = h::path_segment(p, CHANNELS, "/presence") {
+                let channel = h::percent_decode(name).map_err(bad_param)?;
+                Ok(ApiRequest::Presence { channel })
+            } else {
+                Err(bad_request("no such API route"))
+            }
+        }
+        _ => Err(bad_request("no such API route")),
+    }
+}
+
 async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, CommandError> {
     authorized(node, &req)?;
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let query = req.uri().query().map(str::to_owned);
     let query = query.as_deref();
-    match (method, path.as_str()) {
-        (Method::POST, "/api/v1/publish") => {
-            let body = read_body(node, req).await?;
-            let publish: Publish =
-                serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
+    let (request, req) = if ApiRequest::has_json_body(&method, &path) {
+        let body = read_body(node, req).await?;
+        (parse(&method, &path, query, &body)?, None)
+    } else {
+        (parse(&method, &path, query, &[])?, Some(req))
+    };
+    match request {
+        ApiRequest::Publish(publish) => {
             let (channel, options) = node.channels.resolve(&publish.channel)?;
             let position = publish_one(node, &channel, &options, publish).await?;
             Ok(ok(&PublishResult {
@@ -195,56 +306,40 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
                 epoch: position.epoch,
             }))
         }
-        (Method::POST, "/api/v1/blobs") => upload_blob(node, req, query).await,
-        (Method::POST, "/api/v1/broadcast") => {
-            let body = read_body(node, req).await?;
-            broadcast(node, &body).await
-        }
-        (Method::POST, "/api/v1/disconnect") => {
-            let body = read_body(node, req).await?;
-            let req: DisconnectRequest =
-                serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
-            if req.user.is_empty() {
-                return Err(bad_request("user must not be empty"));
-            }
-            node.broker().disconnect_user(&req.user).await?;
+        ApiRequest::UploadBlob { channel } => match req {
+            Some(req) => upload_blob(node, req, &channel).await,
+            None => Err(bad_request("no such API route")),
+        },
+        ApiRequest::Broadcast { channels, publish } => broadcast(node, channels, publish).await,
+        ApiRequest::Disconnect { user } => {
+            node.broker().disconnect_user(&user).await?;
             Ok(ok(&serde_json::json!({})))
         }
-        (Method::GET, "/api/v1/nodes") => {
+        ApiRequest::Nodes => {
             let nodes = node.broker().nodes(&node.info()).await?;
             Ok(ok(&serde_json::json!({ "nodes": nodes })))
         }
-        (Method::GET, p) => {
-            const CHANNELS: &str = "/api/v1/channels/";
-            if let Some(name) = h::path_segment(p, CHANNELS, "/history") {
-                let name = h::percent_decode(name).map_err(bad_param)?;
-                let (channel, options) = node.channels.resolve(&name)?;
-                let since = h::query_u64(query, "since_offset")
-                    .map_err(bad_param)?
-                    .unwrap_or(0);
-                let limit = h::query_u64(query, "limit")
-                    .map_err(bad_param)?
-                    .unwrap_or(0);
-                let limit = u32::try_from(limit).map_err(|_| bad_request("limit too large"))?;
-                let page = node
-                    .channels
-                    .history(&channel, &options, since, Limit::Page(limit))
-                    .await?;
-                Ok(ok(&HistoryResult {
-                    epoch: page.position.epoch,
-                    offset: page.position.offset,
-                    publications: page.publications,
-                }))
-            } else if let Some(name) = h::path_segment(p, CHANNELS, "/presence") {
-                let name = h::percent_decode(name).map_err(bad_param)?;
-                let (channel, options) = node.channels.resolve(&name)?;
-                let clients = node.channels.presence(&channel, &options).await?;
-                Ok(ok(&PresenceResult { clients }))
-            } else {
-                Err(bad_request("no such API route"))
-            }
+        ApiRequest::History {
+            channel,
+            since_offset,
+            limit,
+        } => {
+            let (channel, options) = node.channels.resolve(&channel)?;
+            let page = node
+                .channels
+                .history(&channel, &options, since_offset, Limit::Page(limit))
+                .await?;
+            Ok(ok(&HistoryResult {
+                epoch: page.position.epoch,
+                offset: page.position.offset,
+                publications: page.publications,
+            }))
         }
-        _ => Err(bad_request("no such API route")),
+        ApiRequest::Presence { channel } => {
+            let (channel, options) = node.channels.resolve(&channel)?;
+            let (clients, truncated) = node.channels.presence(&channel, &options).await?;
+            Ok(ok(&PresenceResult { clients, truncated }))
+        }
     }
 }
 
@@ -321,24 +416,16 @@ enum BroadcastItem<'a> {
 }
 
 /// Publishes one payload to many channels; each channel succeeds or fails on its own.
-async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandError> {
-    let req: BroadcastRequest =
-        serde_json::from_slice(body).map_err(|e| bad_request(format!("bad JSON: {e}")))?;
-    if req.channels.is_empty() || req.channels.len() > 1000 {
-        return Err(bad_request("channels must list 1 to 1000 channels"));
-    }
-    let data = base64::engine::general_purpose::STANDARD
-        .decode(&req.data)
-        .map_err(|e| bad_request(format!("data is not base64: {e}")))?;
-    let data = Bytes::from(data);
-    let mut results = Vec::with_capacity(req.channels.len());
-    for name in &req.channels {
+async fn broadcast(
+    node: &Node,
+    channels: Vec<String>,
+    template: Publish,
+) -> Result<Response<Body>, CommandError> {
+    let mut results = Vec::with_capacity(channels.len());
+    for name in &channels {
         let publish = Publish {
             channel: name.clone(),
-            data: data.clone(),
-            content_type: req.content_type.clone(),
-            idempotency_key: req.idempotency_key.clone(),
-            blobs: req.blobs.clone(),
+            ..template.clone()
         };
         let result = match node.channels.resolve(name) {
             Ok((channel, options)) => publish_one(node, &channel, &options, publish).await,
@@ -372,13 +459,10 @@ async fn broadcast(node: &Node, body: &[u8]) -> Result<Response<Body>, CommandEr
 async fn upload_blob(
     node: &Node,
     req: Request<Incoming>,
-    query: Option<&str>,
+    name: &str,
 ) -> Result<Response<Body>, CommandError> {
     use crate::blobs::{BlobId, BlobMeta, check_type, dimensions};
-    let name =
-        h::query_param(query, "channel").ok_or_else(|| bad_request("channel is required"))?;
-    let name = h::percent_decode(name).map_err(bad_param)?;
-    let (channel, options) = node.channels.resolve(&name)?;
+    let (channel, options) = node.channels.resolve(name)?;
     let claimed = req
         .headers()
         .get(http::header::CONTENT_TYPE)

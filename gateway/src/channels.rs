@@ -8,7 +8,7 @@ use crate::{
     blobs::{BlobId, KindSet, check_stored_type},
     broker::{Broker, HistoryPage, Position, PublishRequest, blobs::Access},
     channel::ChannelName,
-    config::{BlobsConfig, NamespaceOptions, Namespaces},
+    config::{BlobsConfig, NamespaceOptions, Namespaces, ReadLimits},
     error::{CommandError, bounds},
     hub::Hub,
     metrics::{self, Metrics},
@@ -19,9 +19,6 @@ use broker_proto::{
 };
 use std::{sync::Arc, time::Instant};
 
-/// A history request returns at most this many publications (recovery returns all that
-/// the namespace retains).
-pub const MAX_HISTORY_LIMIT: u32 = 10_000;
 /// A blob's name (a file name, for display) is at most this long.
 pub const MAX_BLOB_NAME: usize = 255;
 
@@ -49,12 +46,17 @@ pub struct Channels {
     metrics: Metrics,
     hub: Arc<Hub>,
     blobs: BlobsConfig,
+    reads: ReadLimits,
+    /// Permits for history reads running at once (`history_reads_per_node`): a storm
+    /// of recoveries or hostile history requests waits here instead of piling up
+    /// broker replies in memory.
+    history_permits: tokio::sync::Semaphore,
 }
 
 /// How many publications a history read returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
-    /// At most this many (capped at [`MAX_HISTORY_LIMIT`]; 0 means the cap).
+    /// At most this many (capped at `max_history_limit`; 0 means the cap).
     Page(u32),
     /// Everything retained, for recovery.
     All,
@@ -67,6 +69,7 @@ impl Channels {
         metrics: Metrics,
         hub: Arc<Hub>,
         blobs: BlobsConfig,
+        reads: ReadLimits,
     ) -> Self {
         Self {
             namespaces,
@@ -74,6 +77,8 @@ impl Channels {
             metrics,
             hub,
             blobs,
+            history_permits: tokio::sync::Semaphore::new(reads.history_reads_per_node),
+            reads,
         }
     }
 
@@ -209,11 +214,25 @@ impl Channels {
                 "history is disabled in this namespace",
             ));
         }
+        let cap = self.reads.max_history_limit;
         let limit = match limit {
             Limit::All => 0,
-            Limit::Page(0) => MAX_HISTORY_LIMIT as usize,
-            Limit::Page(n) => n.min(MAX_HISTORY_LIMIT) as usize,
+            Limit::Page(0) => cap as usize,
+            Limit::Page(n) => n.min(cap) as usize,
         };
+        let _permit = match self.history_permits.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::history_read_waited();
+                self.history_permits
+                    .acquire()
+                    .await
+                    .map_err(|_| CommandError::new(ErrorCode::Internal, "shutting down"))?
+            }
+        };
+        metrics::history_reads_in_flight(
+            self.reads.history_reads_per_node - self.history_permits.available_permits(),
+        );
         let mut page = self
             .broker
             .history(channel, options, since, limit)
@@ -231,22 +250,30 @@ impl Channels {
             .inspect_err(|_| metrics::broker_error("history"))?)
     }
 
-    /// The channel's presence (103 where the namespace keeps none).
+    /// The channel's presence (103 where the namespace keeps none), at most
+    /// `max_presence_clients` of it; `true` when there was more.
     pub async fn presence(
         &self,
         channel: &ChannelName,
         options: &NamespaceOptions,
-    ) -> Result<Vec<ClientInfo>, CommandError> {
+    ) -> Result<(Vec<ClientInfo>, bool), CommandError> {
         if !options.presence {
             return Err(CommandError::permission_denied(
                 "presence is disabled in this namespace",
             ));
         }
-        Ok(self
+        let mut clients = self
             .broker
             .presence(channel)
             .await
-            .inspect_err(|_| metrics::broker_error("presence"))?)
+            .inspect_err(|_| metrics::broker_error("presence"))?;
+        let max = self.reads.max_presence_clients;
+        let truncated = clients.len() > max;
+        if truncated {
+            clients.truncate(max);
+            metrics::presence_truncated();
+        }
+        Ok((clients, truncated))
     }
 
     /// The node subscribes to `channel` for one more local session.

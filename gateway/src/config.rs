@@ -216,6 +216,7 @@ pub struct RpcConfig {
 struct LimitsFile {
     max_connections: usize,
     max_connections_per_ip: usize,
+    max_connections_per_user: usize,
     max_channels_per_connection: usize,
     max_message_bytes: usize,
     max_frames_per_message: usize,
@@ -231,6 +232,11 @@ struct LimitsFile {
     api_body_bytes: usize,
     api_timeout_ms: u64,
     api_concurrency: usize,
+    bytes_per_second: u32,
+    bytes_burst: u32,
+    max_history_limit: u32,
+    max_presence_clients: usize,
+    history_reads_per_node: usize,
 }
 
 impl Default for LimitsFile {
@@ -238,6 +244,7 @@ impl Default for LimitsFile {
         Self {
             max_connections: 100_000,
             max_connections_per_ip: 0,
+            max_connections_per_user: 0,
             max_channels_per_connection: 128,
             max_message_bytes: 1 << 20,
             max_frames_per_message: 128,
@@ -253,6 +260,11 @@ impl Default for LimitsFile {
             api_body_bytes: 4 << 20,
             api_timeout_ms: 10_000,
             api_concurrency: 1024,
+            bytes_per_second: 1 << 20,
+            bytes_burst: 4 << 20,
+            max_history_limit: 1000,
+            max_presence_clients: 1000,
+            history_reads_per_node: 256,
         }
     }
 }
@@ -267,6 +279,9 @@ pub struct TransportConfig {
     pub max_connections: usize,
     /// Open WebSockets per client address (0: unbounded); the next one is closed with 4029.
     pub max_connections_per_ip: usize,
+    /// Open WebSockets per authenticated user on this node (0: unbounded); the next one
+    /// is closed with 4029.
+    pub max_connections_per_user: usize,
     /// Proxies whose `X-Forwarded-For`/`Forwarded` name the client's address.
     pub trusted_proxies: Vec<Network>,
     /// Certificate chain and key files (PEM): TLS on the listener.
@@ -298,6 +313,21 @@ pub struct SessionConfig {
     pub command_burst: u32,
     /// Rejected commands in a row before the connection is closed with 4029.
     pub rate_limit_strikes: u32,
+    /// Bytes per second a client may send (token bucket; 0: unbounded): above it the
+    /// node stops reading the socket until the bucket refills, so TCP slows the sender.
+    pub bytes_per_second: u32,
+    pub bytes_burst: u32,
+}
+
+/// Bounds on what one history or presence request may make the node read and hold.
+#[derive(Debug, Clone)]
+pub struct ReadLimits {
+    /// Largest `limit` of one history request (a larger or zero limit is cut to it).
+    pub max_history_limit: u32,
+    /// Most clients one presence reply lists (`truncated` set beyond).
+    pub max_presence_clients: usize,
+    /// History reads (requests and recoveries) the node runs at once; more wait.
+    pub history_reads_per_node: usize,
 }
 
 /// The HTTP API for backends.
@@ -362,14 +392,59 @@ pub struct RedisConfig {
     pub blob_cache_bytes: usize,
 }
 
-/// Token verification keys. With none, clients connect anonymously.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Token verification: keys and claim checks (`[auth]`). With no key and no JWKS URL,
+/// clients connect anonymously.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Secrets for HS256/HS384/HS512 tokens.
+    /// Secrets for HS256/HS384/HS512 tokens (any kid).
     pub hmac_secrets: Vec<String>,
-    /// PEM public keys for RS256 and ES256 tokens.
+    /// PEM public keys (RSA: RS256/384/512; EC: ES256/384; Ed25519: EdDSA; any kid).
     pub public_keys_pem: Vec<String>,
+    /// Keys pinned to one algorithm and optionally a `kid`, inline or from files.
+    pub keys: Vec<KeyConfig>,
+    /// When set, a token's `aud` must name one of these.
+    pub audience: Vec<String>,
+    /// When set, a token's `iss` must equal it.
+    pub issuer: Option<String>,
+    /// Clock skew allowed for `exp`, `nbf` and `iat`.
+    pub leeway_seconds: u64,
+    /// When > 0, tokens need an `iat` no older than this (0: no age limit).
+    pub max_token_age_seconds: u64,
+    /// JSON Web Key Set URL (http or https); fetched at start, every
+    /// `jwks_refresh_seconds`, and when a token names an unknown `kid`.
+    pub jwks_url: Option<String>,
+    pub jwks_refresh_seconds: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hmac_secrets: Vec::new(),
+            public_keys_pem: Vec::new(),
+            keys: Vec::new(),
+            audience: Vec::new(),
+            issuer: None,
+            leeway_seconds: 5,
+            max_token_age_seconds: 0,
+            jwks_url: None,
+            jwks_refresh_seconds: 300,
+        }
+    }
+}
+
+/// One `[[auth.keys]]` entry: exactly one of `secret`, `secret_file`, `pem`, `pem_file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The only algorithm this key verifies (`HS256`, `RS256`, `ES256`, `EdDSA`, ...).
+    pub alg: String,
+    /// When set, tokens whose header names this `kid` are checked against this key only.
+    pub kid: Option<String>,
+    pub secret: Option<String>,
+    pub secret_file: Option<String>,
+    pub pem: Option<String>,
+    pub pem_file: Option<String>,
 }
 
 /// Options of one channel namespace (`namespace:name`; bare names use `default`).
@@ -392,6 +467,9 @@ pub struct NamespaceOptions {
     /// Image types blobs uploaded for this namespace may have (default: `[blobs]
     /// allowed_types`).
     pub blob_types: Option<KindSet>,
+    /// Channels here may be used only by connections whose token grants them (`grants`
+    /// claim) or that subscribed with a subscription token for the channel.
+    pub private: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -405,6 +483,7 @@ impl Default for NamespaceOptions {
             max_message_bytes: 65_536,
             allow_anonymous: false,
             blob_types: None,
+            private: false,
         }
     }
 }
@@ -470,6 +549,7 @@ pub struct Config {
     pub redis_url: Option<String>,
     pub transport: TransportConfig,
     pub session: SessionConfig,
+    pub reads: ReadLimits,
     pub api: ApiConfig,
     /// SIGTERM: 1012 closes are spread over this.
     pub drain: Duration,
@@ -558,6 +638,7 @@ impl Config {
                 allowed_origins: file.allowed_origins,
                 max_connections: l.max_connections,
                 max_connections_per_ip: l.max_connections_per_ip,
+                max_connections_per_user: l.max_connections_per_user,
                 trusted_proxies: file
                     .trusted_proxies
                     .iter()
@@ -581,6 +662,15 @@ impl Config {
                 commands_per_second: l.commands_per_second,
                 command_burst: l.command_burst,
                 rate_limit_strikes: l.rate_limit_strikes,
+                bytes_per_second: l.bytes_per_second,
+                bytes_burst: l
+                    .bytes_burst
+                    .max(u32::try_from(l.max_message_bytes).unwrap_or(u32::MAX)),
+            },
+            reads: ReadLimits {
+                max_history_limit: l.max_history_limit.max(1),
+                max_presence_clients: l.max_presence_clients.max(1),
+                history_reads_per_node: l.history_reads_per_node.max(1),
             },
             api: ApiConfig {
                 key: args.api_key.or(file.api_key).filter(|k| !k.is_empty()),

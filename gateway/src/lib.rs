@@ -94,6 +94,7 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
     let node = Arc::new(node::Node::new(
         config, hub, broker, verifier, metrics, clock,
     ));
+    node.verifier.watch_jwks();
     if !node.verifier.enabled() {
         tracing::warn!("no token keys configured: clients connect anonymously");
     }

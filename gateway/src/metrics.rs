@@ -256,3 +256,29 @@ pub fn presence_upkeep(took: std::time::Duration) {
 pub fn pubsub_reconnect() {
     counter!("gateway_redis_pubsub_reconnects_total").increment(1);
 }
+
+/// A JWKS fetch: `ok` or `error` (the keys held stay in use).
+pub fn jwks_fetch(outcome: &'static str) {
+    counter!("gateway_jwks_fetches_total", "outcome" => outcome).increment(1);
+}
+
+/// A history read (request or recovery) that waited for a permit
+/// (`history_reads_per_node` were running).
+pub fn history_read_waited() {
+    counter!("gateway_history_reads_waited_total").increment(1);
+}
+
+/// History reads running now.
+pub fn history_reads_in_flight(n: usize) {
+    gauge!("gateway_history_reads_in_flight").set(n as f64);
+}
+
+/// A presence reply cut to `max_presence_clients`.
+pub fn presence_truncated() {
+    counter!("gateway_presence_truncated_total").increment(1);
+}
+
+/// Time a connection's reads were paused by its `bytes_per_second` limit.
+pub fn read_throttled(took: std::time::Duration) {
+    counter!("gateway_read_throttled_seconds_total").increment(took.as_micros() as u64);
+}

@@ -62,6 +62,7 @@ impl Node {
             metrics.clone(),
             hub.clone(),
             config.blobs.clone(),
+            config.reads.clone(),
         ));
         let verifier = Arc::new(verifier);
         let sessions = Arc::new(session::Context::new(
@@ -73,6 +74,7 @@ impl Node {
             config.node_id.clone(),
             Arc::new(RpcClient::new(config.rpc.clone())),
             Budget::new(config.blobs.upload_budget_bytes),
+            config.transport.max_connections_per_user,
         ));
         Self {
             hub,

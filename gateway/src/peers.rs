@@ -1,4 +1,5 @@
-//! Who is on the other end of a socket, and how many sockets each address holds.
+//! Who is on the other end of a socket, and how many sockets each address (and each
+//! user) holds.
 //!
 //! The client's address is the socket's peer, unless that peer is a configured trusted
 //! proxy: then it is the nearest address in `X-Forwarded-For` (or `Forwarded: for=`) that
@@ -8,6 +9,7 @@
 use http::HeaderMap;
 use std::{
     collections::HashMap,
+    hash::Hash,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -109,19 +111,26 @@ fn forwarded_ip(value: &str) -> Option<IpAddr> {
         .or_else(|| v.rsplit_once(':').and_then(|(a, _)| a.parse().ok()))
 }
 
-/// Open sockets per client address, bounded by `limit` (0: unbounded).
-pub struct PerAddress {
+/// Open sockets per key (client address, user), bounded by `limit` (0: unbounded).
+pub struct PerKey<K: Hash + Eq + Clone> {
     limit: usize,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    counts: Arc<Mutex<HashMap<K, usize>>>,
 }
 
 /// One counted socket; the count drops with it (nothing is counted without a limit).
-pub struct AddressSlot {
-    addr: IpAddr,
-    counts: Option<Arc<Mutex<HashMap<IpAddr, usize>>>>,
+pub struct Slot<K: Hash + Eq + Clone> {
+    key: K,
+    counts: Option<Arc<Mutex<HashMap<K, usize>>>>,
 }
 
-impl PerAddress {
+/// Sockets per client address (`max_connections_per_ip`).
+pub type PerAddress = PerKey<IpAddr>;
+pub type AddressSlot = Slot<IpAddr>;
+/// Sockets per authenticated user on this node (`max_connections_per_user`).
+pub type PerUser = PerKey<String>;
+pub type UserSlot = Slot<String>;
+
+impl<K: Hash + Eq + Clone> PerKey<K> {
     pub fn new(limit: usize) -> Self {
         Self {
             limit,
@@ -129,32 +138,32 @@ impl PerAddress {
         }
     }
 
-    /// Counts a socket from `addr`; `None` when the address already holds `limit`.
-    pub fn take(&self, addr: IpAddr) -> Option<AddressSlot> {
+    /// Counts a socket for `key`; `None` when the key already holds `limit`.
+    pub fn take(&self, key: K) -> Option<Slot<K>> {
         if self.limit == 0 {
-            return Some(AddressSlot { addr, counts: None });
+            return Some(Slot { key, counts: None });
         }
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(addr).or_default();
+        let n = counts.entry(key.clone()).or_default();
         if *n >= self.limit {
             return None;
         }
         *n += 1;
-        Some(AddressSlot {
-            addr,
+        Some(Slot {
+            key,
             counts: Some(self.counts.clone()),
         })
     }
 }
 
-impl Drop for AddressSlot {
+impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         let Some(counts) = &self.counts else { return };
         let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.addr) {
+        if let Some(n) = counts.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.addr);
+                counts.remove(&self.key);
             }
         }
     }

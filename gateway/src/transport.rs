@@ -3,9 +3,7 @@
 //! the upgrade the socket belongs to a [`session`](crate::session).
 
 use crate::{
-    api,
-    auth::AuthError,
-    files,
+    api, files,
     http::{Body, full, query_param, response, text},
     metrics,
     node::Node,
@@ -223,12 +221,8 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
         .and_then(|v| v.strip_prefix("Bearer "));
     let token = bearer
         .or_else(|| query_param(req.uri().query(), "token"))
-        .filter(|t| !t.is_empty());
-    let token: Option<Result<_, AuthError>> = if node.verifier.enabled() {
-        token.map(|t| node.verifier.verify(t))
-    } else {
-        None
-    };
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);

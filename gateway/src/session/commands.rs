@@ -39,7 +39,11 @@ impl SessionCore {
         match command {
             Command::Connect(c) => {
                 metrics::command("connect");
-                self.connect(c).map(Some)
+                if c.token.is_empty() || !self.ctx.verifier.enabled() {
+                    self.connect(c).map(Some)
+                } else {
+                    self.connect_with_token(c).await.map(Some)
+                }
             }
             Command::Subscribe(s) => {
                 metrics::command("subscribe");
@@ -95,11 +99,24 @@ impl SessionCore {
         Ok((channel, options))
     }
 
-    /// Validates a channel name and checks that this client may use it.
+    /// Validates a channel name and checks that this client may use it: a token where
+    /// the namespace needs one, `#user` channels, the token's grants and private
+    /// namespaces (a subscription made with a subscription token opens its channel).
     pub(super) fn authorize(
         &self,
         name: &str,
     ) -> Result<(ChannelName, NamespaceOptions), CommandError> {
+        let (channel, options) = self.authorize_user(name)?;
+        if !self.subscriptions.granted(channel.as_str()) && !self.token_allows(&channel, &options) {
+            return Err(CommandError::permission_denied(
+                "this channel needs a grant or a subscription token",
+            ));
+        }
+        Ok((channel, options))
+    }
+
+    /// The checks of [`Self::authorize`] that no grant or subscription token lifts.
+    fn authorize_user(&self, name: &str) -> Result<(ChannelName, NamespaceOptions), CommandError> {
         let (channel, options) = self.ctx.channels.resolve(name)?;
         if self.ctx.verifier.enabled() && self.identity.is_none() && !options.allow_anonymous {
             return Err(CommandError::new(
@@ -115,64 +132,235 @@ impl SessionCore {
         Ok((channel, options))
     }
 
+    /// Whether the connection token lets this client use `channel`: with a `grants`
+    /// claim only the channels it matches (private ones included); without, every
+    /// channel of a namespace that is not private.
+    fn token_allows(&self, channel: &ChannelName, options: &NamespaceOptions) -> bool {
+        match self.identity.as_ref().and_then(|i| i.grants.as_ref()) {
+            Some(grants) => grants.allows(channel.as_str()),
+            None => !options.private,
+        }
+    }
+
     fn connect(&mut self, connect: Connect) -> Result<Body, CommandError> {
         if self.connected {
             return Err(CommandError::bad_request("already connected"));
         }
         CommandError::check_len("name", &connect.name, bounds::CLIENT_LABEL)?;
         CommandError::check_len("version", &connect.version, bounds::CLIENT_LABEL)?;
-        if !connect.token.is_empty() && self.ctx.verifier.enabled() {
-            if !self.subscriptions.is_empty() {
-                return Err(CommandError::bad_request(
-                    "connect with a token before subscribing",
+        self.connected = true;
+        self.name = connect.name;
+        Ok(Body::Connect(self.connect_result(Vec::new())))
+    }
+
+    /// `connect` with a token: verified (which may fetch keys), then the identity is
+    /// set or refreshed and the token's server-side subscriptions made.
+    pub(super) async fn connect_with_token(
+        &mut self,
+        connect: Connect,
+    ) -> Result<Body, CommandError> {
+        if self.connected {
+            return Err(CommandError::bad_request("already connected"));
+        }
+        CommandError::check_len("name", &connect.name, bounds::CLIENT_LABEL)?;
+        CommandError::check_len("version", &connect.version, bounds::CLIENT_LABEL)?;
+        if !self.subscriptions.is_empty() {
+            return Err(CommandError::bad_request(
+                "connect with a token before subscribing",
+            ));
+        }
+        let identity = match self.ctx.verifier.verify(&connect.token).await {
+            Ok(identity) => identity,
+            Err(AuthError::Invalid(reason)) => {
+                return Err(CommandError::closing(
+                    ErrorCode::Unauthorized,
+                    reason,
+                    CloseCode::TokenInvalid,
                 ));
             }
-            match self.ctx.verifier.verify(&connect.token) {
-                // Authenticated at upgrade: `connect` may refresh the same user's token,
-                // never switch the connection to another user.
-                Ok(identity) if self.identity.is_some() => {
-                    if identity.user != self.user() {
-                        return Err(CommandError::permission_denied(
-                            "this connection is authenticated as another user",
-                        ));
-                    }
-                    self.identity = Some(identity);
-                }
-                Ok(identity) => {
-                    self.identity = Some(identity);
-                    self.ctx
-                        .hub
-                        .register(self.id, self.user().to_owned(), self.outbox.clone());
-                }
-                Err(AuthError::Invalid(reason)) => {
-                    return Err(CommandError::closing(
-                        ErrorCode::Unauthorized,
-                        reason,
-                        CloseCode::TokenInvalid,
-                    ));
-                }
-                Err(AuthError::Expired) => {
-                    return Err(CommandError::closing(
-                        ErrorCode::TokenExpired,
-                        "token expired",
-                        CloseCode::TokenExpired,
-                    ));
-                }
+            Err(AuthError::Expired) => {
+                return Err(CommandError::closing(
+                    ErrorCode::TokenExpired,
+                    "token expired",
+                    CloseCode::TokenExpired,
+                ));
             }
+        };
+        let fresh = match &self.identity {
+            // Authenticated at upgrade: `connect` may refresh the same user's token,
+            // never switch the connection to another user.
+            Some(held) if held.user != identity.user => {
+                return Err(CommandError::permission_denied(
+                    "this connection is authenticated as another user",
+                ));
+            }
+            Some(_) => false,
+            None => true,
+        };
+        if fresh {
+            let Some(slot) = self.ctx.per_user.take(identity.user.clone()) else {
+                metrics::rejected("per_user");
+                return Err(CommandError::closing(
+                    ErrorCode::LimitExceeded,
+                    "too many connections for this user",
+                    CloseCode::RateLimited,
+                ));
+            };
+            self.user_slot = Some(slot);
+        }
+        self.identity = Some(identity);
+        if fresh {
+            self.ctx
+                .hub
+                .register(self.id, self.user().to_owned(), self.outbox.clone());
         }
         self.connected = true;
         self.name = connect.name;
+        let subscriptions = self.server_side_subscribe().await?;
+        Ok(Body::Connect(self.connect_result(subscriptions)))
+    }
+
+    /// Makes the session live: counts it against its user's limit, registers it with
+    /// the hub, and makes the upgrade token's server-side subscriptions, announced in a
+    /// `ConnectResult` push (id 0). `Some` refuses the session with that close code.
+    pub(super) async fn start(&mut self) -> Option<CloseCode> {
+        if let Some(user) = self.identity.as_ref().map(|i| i.user.clone()) {
+            let Some(slot) = self.ctx.per_user.take(user) else {
+                metrics::rejected("per_user");
+                return Some(CloseCode::RateLimited);
+            };
+            self.user_slot = Some(slot);
+        }
+        self.register();
+        if self.identity.as_ref().is_none_or(|i| i.channels.is_empty()) {
+            return None;
+        }
+        match self.server_side_subscribe().await {
+            Ok(subscriptions) => {
+                let result = self.connect_result(subscriptions);
+                // Through the outbox, so the connection task writes it on its first turn.
+                let frame = broker_proto::v1::ServerFrame {
+                    id: 0,
+                    error: None,
+                    body: Some(Body::Connect(result)),
+                };
+                self.outbox
+                    .push_reply(broker_proto::encode_frame(self.encoding, &frame));
+                None
+            }
+            Err(e) => {
+                tracing::info!(client = %self.client, error = %e.message, "server-side subscriptions failed");
+                let (error, close) = super::core::wire_error(e);
+                self.push_frame(&broker_proto::v1::ServerFrame {
+                    id: 0,
+                    error: Some(error),
+                    body: None,
+                });
+                close
+            }
+        }
+    }
+
+    pub(super) fn connect_result(&self, subscriptions: Vec<SubscribeResult>) -> ConnectResult {
         let config = &self.ctx.config;
-        Ok(Body::Connect(ConnectResult {
+        ConnectResult {
             client: self.client.clone(),
             node: self.ctx.node_id.clone(),
             ping_interval_ms: u32::try_from(config.ping_interval.as_millis()).unwrap_or(u32::MAX),
             max_message_bytes: u32::try_from(config.max_message_bytes).unwrap_or(u32::MAX),
-        }))
+            subscriptions,
+        }
+    }
+
+    /// Subscribes to the channels of the token's `channels` claim (those not yet
+    /// subscribed). A channel the node does not know makes the token invalid (4001); a
+    /// broker failure closes with 1013 so the client comes back later.
+    pub(super) async fn server_side_subscribe(
+        &mut self,
+    ) -> Result<Vec<SubscribeResult>, CommandError> {
+        let channels = self
+            .identity
+            .as_ref()
+            .map(|i| i.channels.clone())
+            .unwrap_or_default();
+        let mut results = Vec::with_capacity(channels.len());
+        for name in channels {
+            if self.subscriptions.contains(&name) {
+                continue;
+            }
+            let request = Subscribe {
+                channel: name.clone(),
+                ..Default::default()
+            };
+            match self.join(request, true).await {
+                Ok(mut result) => {
+                    result.channel = name;
+                    results.push(result);
+                }
+                Err(e) => {
+                    let close = if e.temporary() {
+                        CloseCode::OverCapacity
+                    } else {
+                        CloseCode::TokenInvalid
+                    };
+                    return Err(CommandError::closing(
+                        e.code,
+                        format!("server-side subscription to {name}: {}", e.message),
+                        close,
+                    ));
+                }
+            }
+        }
+        Ok(results)
     }
 
     async fn subscribe(&mut self, request: Subscribe) -> Result<Body, CommandError> {
-        let (channel, options) = self.authorize(&request.channel)?;
+        let (channel, options) = self.authorize_user(&request.channel)?;
+        let granted = if !request.token.is_empty() {
+            let user = self.user().to_owned();
+            match self
+                .ctx
+                .verifier
+                .verify_subscription(&request.token, &user, channel.as_str())
+                .await
+            {
+                Ok(_) => true,
+                Err(AuthError::Invalid(reason)) => {
+                    return Err(CommandError::new(
+                        ErrorCode::Unauthorized,
+                        format!("subscription {reason}"),
+                    ));
+                }
+                Err(AuthError::Expired) => {
+                    return Err(CommandError::new(
+                        ErrorCode::TokenExpired,
+                        "subscription token expired",
+                    ));
+                }
+            }
+        } else if self.token_allows(&channel, &options) {
+            false
+        } else {
+            return Err(CommandError::permission_denied(
+                "this channel needs a grant or a subscription token",
+            ));
+        };
+        self.join(request, granted).await.map(Body::Subscribe)
+    }
+
+    /// Subscribes after the permission checks: the hub, the broker, the position (or
+    /// recovery), presence.
+    async fn join(
+        &mut self,
+        request: Subscribe,
+        granted: bool,
+    ) -> Result<SubscribeResult, CommandError> {
+        let (channel, options) = self.ctx.channels.resolve(&request.channel)?;
+        if !channel.allows_user(self.user()) {
+            return Err(CommandError::permission_denied(
+                "channel is limited to another user",
+            ));
+        }
         if self.subscriptions.contains(channel.as_str()) {
             return Err(CommandError::new(
                 ErrorCode::AlreadySubscribed,
@@ -233,9 +421,10 @@ impl SessionCore {
             last_offset,
             presence: options.presence,
             join_leave: options.join_leave,
+            granted,
             seen: None,
         });
-        Ok(Body::Subscribe(result))
+        Ok(result)
     }
 
     /// The subscribe reply, and the offset the client has once it holds the reply.
@@ -266,6 +455,7 @@ impl SessionCore {
         metrics::recovery(recovered);
         let position = page.position.offset;
         let result = SubscribeResult {
+            channel: String::new(),
             epoch: page.position.epoch,
             offset: position,
             recoverable: true,
@@ -331,8 +521,8 @@ impl SessionCore {
 
     async fn presence(&mut self, request: PresenceRequest) -> Result<Body, CommandError> {
         let (channel, options) = self.authorize(&request.channel)?;
-        let clients = self.ctx.channels.presence(&channel, &options).await?;
-        Ok(Body::Presence(PresenceResult { clients }))
+        let (clients, truncated) = self.ctx.channels.presence(&channel, &options).await?;
+        Ok(Body::Presence(PresenceResult { clients, truncated }))
     }
 
     async fn history(&mut self, request: HistoryRequest) -> Result<Body, CommandError> {

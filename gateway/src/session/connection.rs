@@ -67,8 +67,15 @@ where
     let mut deadline = core.next_deadline();
     let sleep = tokio::time::sleep_until(deadline.into());
     tokio::pin!(sleep);
+    // Set while the client is over `bytes_per_second`: the socket is not read until then.
+    let mut paused_until: Option<std::time::Instant> = None;
     loop {
-        let next = core.next_deadline();
+        let now = tokio::time::Instant::now().into_std();
+        if paused_until.is_some_and(|t| t <= now) {
+            paused_until = None;
+        }
+        let reading = paused_until.is_none();
+        let next = paused_until.map_or(core.next_deadline(), |t| t.min(core.next_deadline()));
         if next != deadline {
             deadline = next;
             sleep.as_mut().reset(deadline.into());
@@ -76,7 +83,7 @@ where
         let event = if outbox_streak >= OUTBOX_STREAK {
             tokio::select! {
                 biased;
-                m = ws.next() => Event::Message(m),
+                m = ws.next(), if reading => Event::Message(m),
                 _ = outbox.wait() => Event::Outbox,
                 _ = &mut sleep => Event::Deadline,
             }
@@ -84,7 +91,7 @@ where
             tokio::select! {
                 biased;
                 _ = outbox.wait() => Event::Outbox,
-                m = ws.next() => Event::Message(m),
+                m = ws.next(), if reading => Event::Message(m),
                 _ = &mut sleep => Event::Deadline,
             }
         };
@@ -93,7 +100,14 @@ where
             _ => 0,
         };
         if let Event::Message(message) = event {
-            core.heard(tokio::time::Instant::now().into_std());
+            let now = tokio::time::Instant::now().into_std();
+            core.heard(now);
+            if let Some(Ok(m)) = &message
+                && let Some(wait) = core.charge_read(m.len(), now)
+            {
+                crate::metrics::read_throttled(wait);
+                paused_until = Some(now + wait);
+            }
             match message {
                 // tungstenite queued the echo of the client's close: send it.
                 Some(Ok(Message::Close(_))) => {

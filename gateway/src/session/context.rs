@@ -9,6 +9,7 @@ use crate::{
     clock::Clock,
     config::SessionConfig,
     hub::{Hub, SessionId},
+    peers::PerUser,
     rpc::RpcClient,
 };
 use std::sync::{
@@ -27,6 +28,8 @@ pub struct Context {
     pub rpc: Arc<RpcClient>,
     /// Bytes of unfinished uploads the whole node may hold.
     pub upload_budget: Arc<Budget>,
+    /// Sockets per authenticated user (`max_connections_per_user`).
+    pub per_user: PerUser,
     next_session: AtomicU64,
     /// Makes client ids unique across nodes and restarts.
     client_prefix: String,
@@ -43,6 +46,7 @@ impl Context {
         node_id: String,
         rpc: Arc<RpcClient>,
         upload_budget: Arc<Budget>,
+        max_connections_per_user: usize,
     ) -> Self {
         Self {
             hub,
@@ -53,6 +57,7 @@ impl Context {
             node_id,
             rpc,
             upload_budget,
+            per_user: PerUser::new(max_connections_per_user),
             next_session: AtomicU64::new(1),
             client_prefix: format!("{:08x}", rand::random::<u32>()),
         }

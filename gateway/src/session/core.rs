@@ -8,7 +8,7 @@
 
 use super::{
     context::Context,
-    rate::TokenBucket,
+    rate::{ByteBucket, TokenBucket},
     subscriptions::{Admit, Subscriptions},
 };
 use crate::{
@@ -58,6 +58,8 @@ pub struct SessionCore {
     pub(super) name: String,
     pub(super) encoding: Encoding,
     pub(super) identity: Option<Identity>,
+    /// Counts this connection against its user's limit while it lasts.
+    pub(super) user_slot: Option<crate::peers::UserSlot>,
     pub(super) connected: bool,
     pub(super) outbox: Arc<Outbox>,
     pub(super) subscriptions: Subscriptions,
@@ -70,6 +72,7 @@ pub struct SessionCore {
     replies: Batch,
     drained: VecDeque<OutItem>,
     bucket: TokenBucket,
+    bytes_in: ByteBucket,
     strikes: u32,
     limits: Limits,
     last_heard: Instant,
@@ -92,6 +95,7 @@ impl SessionCore {
             client,
             encoding,
             identity,
+            user_slot: None,
             connected: false,
             name: String::new(),
             subscriptions: Subscriptions::default(),
@@ -109,6 +113,7 @@ impl SessionCore {
             replies: Batch::new(encoding, 0),
             drained: VecDeque::new(),
             bucket: TokenBucket::new(config.commands_per_second, config.command_burst, now),
+            bytes_in: ByteBucket::new(config.bytes_per_second, config.bytes_burst, now),
             strikes: 0,
             limits: Limits {
                 max_frames_per_message: config.max_frames_per_message,
@@ -155,6 +160,12 @@ impl SessionCore {
     /// Something (a message, a pong) arrived from the client.
     pub fn heard(&mut self, now: Instant) {
         self.last_heard = now;
+    }
+
+    /// Counts `bytes` read from the client against `bytes_per_second`; when over, how
+    /// long the connection must not read (TCP then slows the sender).
+    pub fn charge_read(&mut self, bytes: usize, now: Instant) -> Option<std::time::Duration> {
+        self.bytes_in.charge(bytes, now)
     }
 
     /// When [`Self::on_timer`] has something to do next.

@@ -17,10 +17,7 @@ mod tests;
 
 pub use context::Context;
 
-use crate::{
-    auth::{AuthError, Identity},
-    metrics::Metrics,
-};
+use crate::{auth::AuthError, metrics::Metrics};
 use broker_proto::{CloseCode, Encoding};
 use connection::Exit;
 use std::sync::Arc;
@@ -30,8 +27,9 @@ use tokio_tungstenite::WebSocketStream;
 /// What the transport learned at upgrade time.
 pub struct Params {
     pub encoding: Encoding,
-    /// The token given at upgrade (query `token` or `Authorization: Bearer`), verified.
-    pub token: Option<Result<Identity, AuthError>>,
+    /// The token given at upgrade (query `token` or `Authorization: Bearer`), verified
+    /// here (a JWKS fetch may be needed) before the session starts.
+    pub token: Option<String>,
     /// Set when the upgrade is refused with a close code (origin, capacity): the session
     /// only says so and ends.
     pub reject: Option<CloseCode>,
@@ -46,21 +44,26 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let refused = match (params.reject, &params.token) {
+    let verified = match (params.reject, params.token) {
+        (None, Some(token)) if ctx.verifier.enabled() => Some(ctx.verifier.verify(&token).await),
+        _ => None,
+    };
+    let refused = match (params.reject, &verified) {
         (Some(code), _) => Some(code),
         (None, Some(Err(AuthError::Invalid(_)))) => Some(CloseCode::TokenInvalid),
         (None, Some(Err(AuthError::Expired))) => Some(CloseCode::TokenExpired),
         _ => None,
     };
-    let identity = params.token.and_then(Result::ok);
+    let identity = verified.and_then(Result::ok);
     let now = ctx.clock.now();
     let mut core = core::SessionCore::new(ctx, params.encoding, identity, now);
+    let refused = match refused {
+        Some(code) => Some(code),
+        None => Box::pin(core.start()).await,
+    };
     let exit = match refused {
         Some(code) => Exit::Close(code),
-        None => {
-            core.register();
-            connection::serve(&mut core, &mut ws, metrics).await
-        }
+        None => connection::serve(&mut core, &mut ws, metrics).await,
     };
     Box::pin(core.end()).await;
     if let Exit::Close(code) = exit {

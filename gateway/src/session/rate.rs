@@ -1,4 +1,4 @@
-//! A token bucket for client commands, with time passed in.
+//! Token buckets for client commands and bytes, with time passed in.
 
 use std::time::Instant;
 
@@ -35,6 +35,27 @@ impl TokenBucket {
     }
 }
 
+/// Bytes a client sends per second: a message is always taken (it has been read), and
+/// the debt says how long the connection should not read again.
+#[derive(Debug)]
+pub struct ByteBucket(Option<TokenBucket>);
+
+impl ByteBucket {
+    /// `per_second` 0: unbounded.
+    pub fn new(per_second: u32, burst: u32, now: Instant) -> Self {
+        Self((per_second > 0).then(|| TokenBucket::new(per_second, burst, now)))
+    }
+
+    /// Charges `bytes`; when the bucket is in debt, how long until it is not.
+    pub fn charge(&mut self, bytes: usize, now: Instant) -> Option<std::time::Duration> {
+        let b = self.0.as_mut()?;
+        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+        b.last = now;
+        b.tokens = (b.tokens + elapsed * b.rate).min(b.burst) - bytes as f64;
+        (b.tokens < 0.0).then(|| std::time::Duration::from_secs_f64(-b.tokens / b.rate))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +74,16 @@ mod tests {
             "refills up to the burst"
         );
         assert!(!b.take(t + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn bytes_over_the_burst_pause_reading_for_their_time_at_the_rate() {
+        let t = Instant::now();
+        let mut b = ByteBucket::new(1000, 2000, t);
+        assert_eq!(b.charge(1500, t), None);
+        assert_eq!(b.charge(1000, t), Some(Duration::from_millis(500)));
+        assert_eq!(b.charge(0, t + Duration::from_millis(500)), None);
+        let mut unbounded = ByteBucket::new(0, 0, t);
+        assert_eq!(unbounded.charge(usize::MAX, t), None);
     }
 }

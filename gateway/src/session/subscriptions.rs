@@ -35,6 +35,9 @@ pub struct Subscription {
     pub last_offset: u64,
     pub presence: bool,
     pub join_leave: bool,
+    /// Made with a subscription token or by the token's `channels` claim: the channel's
+    /// private namespace and the token's grants do not apply to it while it lasts.
+    pub granted: bool,
     /// The stream of the last publication admitted: a queued item sharing it has the
     /// same epoch, without comparing strings per delivery.
     pub seen: Option<Arc<Stream>>,
@@ -64,6 +67,12 @@ impl Subscriptions {
 
     pub fn contains(&self, channel: &str) -> bool {
         self.map.contains_key(channel)
+    }
+
+    /// Whether this connection holds `channel` by a subscription token or the token's
+    /// `channels` claim.
+    pub fn granted(&self, channel: &str) -> bool {
+        self.map.get(channel).is_some_and(|s| s.granted)
     }
 
     pub fn get(&self, channel: &str) -> Option<&Subscription> {
@@ -137,6 +146,7 @@ mod tests {
 
     fn subscription(generation: u32, epoch: &str, last: u64) -> Subscription {
         Subscription {
+            granted: false,
             channel: ChannelName::parse("c").unwrap(),
             generation,
             epoch: epoch.into(),

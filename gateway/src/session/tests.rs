@@ -48,6 +48,7 @@ fn node(namespaces: &[(&str, NamespaceOptions)]) -> Node {
         Metrics::detached(),
         hub.clone(),
         Config::default().blobs,
+        Config::default().reads,
     ));
     let mut config = Config::default().session;
     config.commands_per_second = 1_000_000;
@@ -61,6 +62,7 @@ fn node(namespaces: &[(&str, NamespaceOptions)]) -> Node {
         "test".into(),
         Arc::new(crate::rpc::RpcClient::new(Config::default().rpc)),
         crate::blobs::upload::Budget::new(1 << 20),
+        0,
     ));
     Node { hub, broker, ctx }
 }
@@ -96,6 +98,7 @@ fn recover(channel: &str, offset: u64, epoch: &str) -> Command {
         recover: true,
         offset,
         epoch: epoch.into(),
+        ..Default::default()
     })
 }
 

@@ -40,6 +40,11 @@ impl Server {
     }
 
     pub fn start_with(config: &str, args: &[&str]) -> Self {
+        Self::start_with_env(config, args, &[])
+    }
+
+    /// With extra environment variables for the process.
+    pub fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let path = std::env::temp_dir().join(format!(
             "gateway-test-{}-{}.toml",
             std::process::id(),
@@ -60,6 +65,7 @@ impl Server {
         }
         let mut child = command
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "GATEWAY_LOG",
                 std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -426,6 +432,7 @@ pub fn recover(channel: &str, offset: u64, epoch: &str) -> Command {
         recover: true,
         offset,
         epoch: epoch.into(),
+        ..Default::default()
     })
 }
 
