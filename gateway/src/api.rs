@@ -325,7 +325,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
             limit,
         } => {
             let (channel, options) = node.channels.resolve(&channel)?;
-            let page = node
+            let (page, _permit) = node
                 .channels
                 .history(&channel, &options, since_offset, Limit::Page(limit))
                 .await?;

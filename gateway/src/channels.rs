@@ -50,8 +50,13 @@ pub struct Channels {
     /// Permits for history reads running at once (`history_reads_per_node`): a storm
     /// of recoveries or hostile history requests waits here instead of piling up
     /// broker replies in memory.
-    history_permits: tokio::sync::Semaphore,
+    history_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// One of the node's `history_reads_per_node` permits, held by a history page until it
+/// has been written to its client: the pages the node holds at once are bounded, not
+/// only the reads.
+pub type ReadPermit = tokio::sync::OwnedSemaphorePermit;
 
 /// How many publications a history read returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +82,7 @@ impl Channels {
             metrics,
             hub,
             blobs,
-            history_permits: tokio::sync::Semaphore::new(reads.history_reads_per_node),
+            history_permits: Arc::new(tokio::sync::Semaphore::new(reads.history_reads_per_node)),
             reads,
         }
     }
@@ -201,14 +206,15 @@ impl Channels {
         Ok(position)
     }
 
-    /// Reads history after `since` (103 where the namespace keeps none).
+    /// Reads history after `since` (103 where the namespace keeps none). The permit
+    /// goes with the page: drop it once the page is written.
     pub async fn history(
         &self,
         channel: &ChannelName,
         options: &NamespaceOptions,
         since: u64,
         limit: Limit,
-    ) -> Result<HistoryPage, CommandError> {
+    ) -> Result<(HistoryPage, ReadPermit), CommandError> {
         if !options.has_history() {
             return Err(CommandError::permission_denied(
                 "history is disabled in this namespace",
@@ -220,12 +226,13 @@ impl Channels {
             Limit::Page(0) => cap as usize,
             Limit::Page(n) => n.min(cap) as usize,
         };
-        let _permit = match self.history_permits.try_acquire() {
+        let permit = match self.history_permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 metrics::history_read_waited();
                 self.history_permits
-                    .acquire()
+                    .clone()
+                    .acquire_owned()
                     .await
                     .map_err(|_| CommandError::new(ErrorCode::Internal, "shutting down"))?
             }
@@ -239,7 +246,7 @@ impl Channels {
             .await
             .inspect_err(|_| metrics::broker_error("history"))?;
         self.sign(&mut page.publications);
-        Ok(page)
+        Ok((page, permit))
     }
 
     pub async fn position(&self, channel: &ChannelName) -> Result<Position, CommandError> {

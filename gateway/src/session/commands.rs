@@ -9,7 +9,7 @@ use crate::{
     broker::PresenceChange,
     broker::PublishRequest,
     channel::ChannelName,
-    channels::{Limit, Publisher},
+    channels::{Limit, Publisher, ReadPermit},
     config::NamespaceOptions,
     error::{CommandError, bounds},
     hub::Subscriber,
@@ -391,7 +391,8 @@ impl SessionCore {
             ctx.hub.unsubscribe(channel.as_str(), self.id);
             return Err(e);
         }
-        let (result, last_offset) = match self.position(&channel, &options, &request).await {
+        let (result, last_offset, permit) = match self.position(&channel, &options, &request).await
+        {
             Ok(r) => r,
             Err(e) => {
                 self.undo_subscribe(&channel).await;
@@ -424,6 +425,7 @@ impl SessionCore {
             granted,
             seen: None,
         });
+        self.read_permits.extend(permit);
         Ok(result)
     }
 
@@ -433,10 +435,10 @@ impl SessionCore {
         channel: &ChannelName,
         options: &NamespaceOptions,
         request: &Subscribe,
-    ) -> Result<(SubscribeResult, u64), CommandError> {
+    ) -> Result<(SubscribeResult, u64, Option<ReadPermit>), CommandError> {
         let channels = &self.ctx.channels;
         if !options.has_history() {
-            return Ok((SubscribeResult::default(), 0));
+            return Ok((SubscribeResult::default(), 0, None));
         }
         if !request.recover {
             let p = channels.position(channel).await?;
@@ -446,9 +448,9 @@ impl SessionCore {
                 recoverable: true,
                 ..Default::default()
             };
-            return Ok((result, p.offset));
+            return Ok((result, p.offset, None));
         }
-        let page = channels
+        let (page, permit) = channels
             .history(channel, options, request.offset, Limit::All)
             .await?;
         let recovered = page.position.epoch == request.epoch && page.recovers(request.offset);
@@ -466,7 +468,7 @@ impl SessionCore {
                 Vec::new()
             },
         };
-        Ok((result, position))
+        Ok((result, position, Some(permit)))
     }
 
     async fn undo_subscribe(&self, channel: &ChannelName) {
@@ -527,7 +529,7 @@ impl SessionCore {
 
     async fn history(&mut self, request: HistoryRequest) -> Result<Body, CommandError> {
         let (channel, options) = self.authorize(&request.channel)?;
-        let page = self
+        let (page, permit) = self
             .ctx
             .channels
             .history(
@@ -537,6 +539,7 @@ impl SessionCore {
                 Limit::Page(request.limit),
             )
             .await?;
+        self.read_permits.push(permit);
         Ok(Body::History(HistoryResult {
             epoch: page.position.epoch,
             offset: page.position.offset,

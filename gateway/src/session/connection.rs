@@ -22,10 +22,16 @@ use tokio_tungstenite::{
     tungstenite::{
         Error as WsError, Message,
         error::{CapacityError, ProtocolError},
+        protocol::frame::{
+            Frame,
+            coding::{Data, OpCode},
+        },
         protocol::{CloseFrame, frame::coding::CloseCode as WsCloseCode},
     },
 };
 
+/// Messages larger than this go out as fragments of this size (RFC 6455 §5.4).
+const FRAGMENT_BYTES: usize = 16 * 1024;
 /// Outbox turns in a row before the client is served first.
 const OUTBOX_STREAK: u32 = 4;
 /// How long a closing session waits for the client's close frame.
@@ -70,67 +76,75 @@ where
     // Set while the client is over `bytes_per_second`: the socket is not read until then.
     let mut paused_until: Option<std::time::Instant> = None;
     loop {
-        let now = tokio::time::Instant::now().into_std();
-        if paused_until.is_some_and(|t| t <= now) {
-            paused_until = None;
-        }
-        let reading = paused_until.is_none();
-        let next = paused_until.map_or(core.next_deadline(), |t| t.min(core.next_deadline()));
-        if next != deadline {
-            deadline = next;
-            sleep.as_mut().reset(deadline.into());
-        }
-        let event = if outbox_streak >= OUTBOX_STREAK {
-            tokio::select! {
-                biased;
-                m = ws.next(), if reading => Event::Message(m),
-                _ = outbox.wait() => Event::Outbox,
-                _ = &mut sleep => Event::Deadline,
+        // Commands left from the last message run first; the socket is not read until
+        // they are done.
+        if core.has_deferred() {
+            if let Some(code) = Box::pin(core.resume()).await {
+                return Exit::Close(code);
             }
         } else {
-            tokio::select! {
-                biased;
-                _ = outbox.wait() => Event::Outbox,
-                m = ws.next(), if reading => Event::Message(m),
-                _ = &mut sleep => Event::Deadline,
-            }
-        };
-        outbox_streak = match event {
-            Event::Outbox => outbox_streak + 1,
-            _ => 0,
-        };
-        if let Event::Message(message) = event {
             let now = tokio::time::Instant::now().into_std();
-            core.heard(now);
-            if let Some(Ok(m)) = &message
-                && let Some(wait) = core.charge_read(m.len(), now)
-            {
-                crate::metrics::read_throttled(wait);
-                paused_until = Some(now + wait);
+            if paused_until.is_some_and(|t| t <= now) {
+                paused_until = None;
             }
-            match message {
-                // tungstenite queued the echo of the client's close: send it.
-                Some(Ok(Message::Close(_))) => {
-                    let _ = tokio::time::timeout(CLOSE_LINGER, ws.flush()).await;
-                    return Exit::Gone;
+            let reading = paused_until.is_none();
+            let next = paused_until.map_or(core.next_deadline(), |t| t.min(core.next_deadline()));
+            if next != deadline {
+                deadline = next;
+                sleep.as_mut().reset(deadline.into());
+            }
+            let event = if outbox_streak >= OUTBOX_STREAK {
+                tokio::select! {
+                    biased;
+                    m = ws.next(), if reading => Event::Message(m),
+                    _ = outbox.wait() => Event::Outbox,
+                    _ = &mut sleep => Event::Deadline,
                 }
-                Some(Ok(message)) => {
-                    if let Some(exit) = on_message(core, message).await {
-                        return exit;
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = outbox.wait() => Event::Outbox,
+                    m = ws.next(), if reading => Event::Message(m),
+                    _ = &mut sleep => Event::Deadline,
+                }
+            };
+            outbox_streak = match event {
+                Event::Outbox => outbox_streak + 1,
+                _ => 0,
+            };
+            if let Event::Message(message) = event {
+                let now = tokio::time::Instant::now().into_std();
+                core.heard(now);
+                if let Some(Ok(m)) = &message
+                    && let Some(wait) = core.charge_read(m.len(), now)
+                {
+                    crate::metrics::read_throttled(wait);
+                    paused_until = Some(now + wait);
+                }
+                match message {
+                    // tungstenite queued the echo of the client's close: send it.
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = tokio::time::timeout(CLOSE_LINGER, ws.flush()).await;
+                        return Exit::Gone;
                     }
+                    Some(Ok(message)) => {
+                        if let Some(exit) = on_message(core, message).await {
+                            return exit;
+                        }
+                    }
+                    Some(Err(e)) => return exit_for(e),
+                    None => return Exit::Gone,
                 }
-                Some(Err(e)) => return exit_for(e),
-                None => return Exit::Gone,
             }
-        }
-        match core.on_timer(tokio::time::Instant::now().into_std()) {
-            Tick::Nothing => {}
-            Tick::Close(code) => return Exit::Close(code),
-            Tick::Ping => match bounded(grace, 0, ws.feed(Message::Ping(Bytes::new()))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Exit::Gone,
-                Err(Stalled) => return Exit::Close(CloseCode::SlowConsumer),
-            },
+            match core.on_timer(tokio::time::Instant::now().into_std()) {
+                Tick::Nothing => {}
+                Tick::Close(code) => return Exit::Close(code),
+                Tick::Ping => match bounded(grace, 0, ws.feed(Message::Ping(Bytes::new()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Exit::Gone,
+                    Err(Stalled) => return Exit::Close(CloseCode::SlowConsumer),
+                },
+            }
         }
         let close = core.take_output(&mut pending);
         if close == Some(CloseCode::SlowConsumer) {
@@ -170,6 +184,7 @@ where
                 return Exit::Close(outbox.closing().unwrap_or(CloseCode::SlowConsumer));
             }
         }
+        core.written();
         if let Some(code) = close {
             return Exit::Close(code);
         }
@@ -221,7 +236,29 @@ where
     for payload in pending.drain(..) {
         bytes += payload.len() as u64;
         messages += 1;
-        ws.feed(message(encoding, payload)).await?;
+        if payload.len() <= FRAGMENT_BYTES {
+            ws.feed(message(encoding, payload)).await?;
+            continue;
+        }
+        // tungstenite copies each frame into its write buffer and keeps that buffer's
+        // capacity: one large message (a history page, a blob chunk) would pin its size
+        // for the connection's lifetime. Fragments keep it at FRAGMENT_BYTES.
+        let first = match encoding {
+            Encoding::Proto => OpCode::Data(Data::Binary),
+            Encoding::Json => OpCode::Data(Data::Text),
+        };
+        let mut offset = 0;
+        while offset < payload.len() {
+            let end = (offset + FRAGMENT_BYTES).min(payload.len());
+            let opcode = if offset == 0 {
+                first
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let frame = Frame::message(payload.slice(offset..end), opcode, end == payload.len());
+            ws.feed(Message::Frame(frame)).await?;
+            offset = end;
+        }
     }
     ws.flush().await?;
     if messages > 0 {

@@ -68,6 +68,13 @@ pub struct SessionCore {
     pub(super) downloads: Arc<AtomicUsize>,
     pub(super) rpcs: Arc<AtomicUsize>,
     bulk: Vec<Bytes>,
+    /// History permits of pages replied to in this turn, then while they are written.
+    pub(super) read_permits: Vec<crate::channels::ReadPermit>,
+    writing_permits: Vec<crate::channels::ReadPermit>,
+    /// Commands of a message left for the next turn: a session holds at most one
+    /// history page's permit at a time, so the rest wait until that page is written
+    /// (never waiting for a permit while holding one: no deadlock between sessions).
+    deferred: VecDeque<ClientFrame>,
     /// Replies and per-session pushes waiting for the next write, already packed.
     replies: Batch,
     drained: VecDeque<OutItem>,
@@ -110,6 +117,9 @@ impl SessionCore {
             downloads: Arc::default(),
             rpcs: Arc::default(),
             bulk: Vec::new(),
+            read_permits: Vec::new(),
+            writing_permits: Vec::new(),
+            deferred: VecDeque::new(),
             replies: Batch::new(encoding, 0),
             drained: VecDeque::new(),
             bucket: TokenBucket::new(config.commands_per_second, config.command_burst, now),
@@ -233,12 +243,34 @@ impl SessionCore {
                 return Some(CloseCode::InvalidPayload);
             }
         };
-        for frame in frames {
+        self.deferred.extend(frames);
+        self.resume().await
+    }
+
+    /// Whether commands wait for the next turn (the connection reads nothing meanwhile).
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Runs waiting commands until one needs a history permit while this turn holds
+    /// one already; `Some` closes.
+    pub async fn resume(&mut self) -> Option<CloseCode> {
+        while let Some(frame) = self.deferred.pop_front() {
+            if !self.read_permits.is_empty() && reads_history(&frame) {
+                self.deferred.push_front(frame);
+                return None;
+            }
             if let Some(code) = self.handle(frame).await {
+                self.deferred.clear();
                 return Some(code);
             }
         }
         None
+    }
+
+    /// The last write has finished: the history pages it carried are gone.
+    pub fn written(&mut self) {
+        self.writing_permits.clear();
     }
 
     /// Runs one command (rate-limited) and queues its reply; `Some` closes.
@@ -294,6 +326,8 @@ impl SessionCore {
     /// [`MAX_BATCH_BYTES`]: replies first, then what the hub queued that the client
     /// should get. Returns a close the outbox asked for (slow consumer, drain, API).
     pub fn take_output(&mut self, out: &mut Vec<Bytes>) -> Option<CloseCode> {
+        // This turn's history pages are held until their write has finished.
+        self.writing_permits.append(&mut self.read_permits);
         let close = self.outbox.drain(&mut self.drained);
         for item in self.drained.drain(..) {
             if self.subscriptions.admit(&item) == Admit::Skip {
@@ -341,6 +375,16 @@ impl SessionCore {
             self.leave(sub).await;
         }
         self.ctx.hub.unregister(self.id);
+    }
+}
+
+/// Whether a command reads a history page (and so takes a permit).
+fn reads_history(frame: &ClientFrame) -> bool {
+    use broker_proto::v1::client_frame::Command;
+    match &frame.command {
+        Some(Command::History(_)) => true,
+        Some(Command::Subscribe(s)) => s.recover,
+        _ => false,
     }
 }
 
