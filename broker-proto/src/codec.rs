@@ -542,16 +542,22 @@ mod properties {
                         .collect(),
                 })
             });
-        let subscribe = ("\\PC{0,40}", any::<bool>(), any::<u64>(), "\\PC{0,16}").prop_map(
-            |(channel, recover, offset, epoch)| {
+        let subscribe = (
+            "\\PC{0,40}",
+            any::<bool>(),
+            any::<u64>(),
+            "\\PC{0,16}",
+            "\\PC{0,16}",
+        )
+            .prop_map(|(channel, recover, offset, epoch, token)| {
                 Command::Subscribe(Subscribe {
                     channel,
                     recover,
                     offset,
                     epoch,
+                    token,
                 })
-            },
-        );
+            });
         prop_oneof![Just(None), publish.prop_map(Some), subscribe.prop_map(Some)]
     }
 

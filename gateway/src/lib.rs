@@ -53,8 +53,15 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
     let (metrics, prometheus) = metrics::Metrics::install();
     let clock = clock::Clock::system();
     let blob_urls = Arc::new(blobs::signing::UrlSigner::new(config.blobs.url_ttl));
-    if let Some(key) = &config.blobs.signing_key {
-        blob_urls.set_key(key.as_bytes());
+    if let Some(keys) = &config.blobs.signing_key {
+        // `new,old`: sign with the first, accept both (rotation without downtime).
+        let keys: Vec<&[u8]> = keys
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::as_bytes)
+            .collect();
+        blob_urls.set_keys(&keys);
     }
     let hub = Arc::new(hub::Hub::with_blob_urls(
         metrics.clone(),

@@ -4,7 +4,8 @@
 //!
 //! `sig` is base64url(HMAC-SHA-256(key, "blob\n{id}\n{channel}\n{expires}")) with a key
 //! every node shares (configured, or made once and kept in Redis), compared in constant
-//! time. `expires` is rounded up to a bucket of a quarter of the URL TTL (at least a
+//! time. Several configured keys (`new,old`) rotate without downtime: URLs are signed
+//! with the first and accepted with any. `expires` is rounded up to a bucket of a quarter of the URL TTL (at least a
 //! minute), so the same image published again soon after gets the same URL and browsers
 //! reuse their cached copy.
 
@@ -29,14 +30,15 @@ pub enum SigError {
 }
 
 pub struct UrlSigner {
-    key: RwLock<Option<Arc<[u8]>>>,
+    /// Signing key first, then keys still accepted; empty until one is known.
+    keys: RwLock<Arc<[Arc<[u8]>]>>,
     ttl: Duration,
 }
 
 impl UrlSigner {
     pub fn new(ttl: Duration) -> Self {
         Self {
-            key: RwLock::new(None),
+            keys: RwLock::new(Arc::new([])),
             ttl: ttl.max(Duration::from_secs(1)),
         }
     }
@@ -49,19 +51,25 @@ impl UrlSigner {
     }
 
     pub fn set_key(&self, key: &[u8]) {
-        *self.key.write().unwrap_or_else(|e| e.into_inner()) = Some(key.into());
+        self.set_keys(&[key]);
+    }
+
+    /// Signs with the first key; accepts URLs signed with any of them.
+    pub fn set_keys(&self, keys: &[&[u8]]) {
+        let keys: Vec<Arc<[u8]>> = keys.iter().map(|k| Arc::from(*k)).collect();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys.into();
     }
 
     pub fn ready(&self) -> bool {
-        self.key().is_some()
+        !self.keys().is_empty()
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    fn key(&self) -> Option<Arc<[u8]>> {
-        self.key.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn keys(&self) -> Arc<[Arc<[u8]>]> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn mac(key: &[u8], id: &str, channel: &str, expires: u64) -> HmacSha256 {
@@ -79,11 +87,10 @@ impl UrlSigner {
 
     /// The signed path and query for blob `id` in `channel`; `None` without a key.
     pub fn sign(&self, id: &str, channel: &str, now_unix: u64) -> Option<String> {
-        let key = self.key()?;
+        let keys = self.keys();
+        let key = keys.first()?;
         let expires = self.expiry(now_unix);
-        let sig = Self::mac(&key, id, channel, expires)
-            .finalize()
-            .into_bytes();
+        let sig = Self::mac(key, id, channel, expires).finalize().into_bytes();
         let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig);
         Some(format!(
             "/blobs/{id}?channel={}&expires={expires}&sig={sig}",
@@ -100,13 +107,23 @@ impl UrlSigner {
         sig: &str,
         now_unix: u64,
     ) -> Result<(), SigError> {
-        let key = self.key().ok_or(SigError::NoKey)?;
+        let keys = self.keys();
+        if keys.is_empty() {
+            return Err(SigError::NoKey);
+        }
         let given = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(sig)
             .map_err(|_| SigError::Invalid)?;
-        Self::mac(&key, id, channel, expires)
-            .verify_slice(&given)
-            .map_err(|_| SigError::Invalid)?;
+        // Every key is tried (constant time each), so timing tells nothing of which.
+        let valid = keys.iter().fold(false, |found, key| {
+            found
+                | Self::mac(key, id, channel, expires)
+                    .verify_slice(&given)
+                    .is_ok()
+        });
+        if !valid {
+            return Err(SigError::Invalid);
+        }
         if expires <= now_unix {
             return Err(SigError::Expired);
         }
@@ -132,6 +149,29 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn keys_rotate_sign_with_the_first_accept_any() {
+        let ttl = Duration::from_secs(3600);
+        let old = UrlSigner::with_key(ttl, b"old");
+        let rotating = UrlSigner::new(ttl);
+        rotating.set_keys(&[b"new", b"old"]);
+        let new_only = UrlSigner::with_key(ttl, b"new");
+        let (id, channel) = ("ab".repeat(32), "pics");
+        for signer in [&old, &rotating] {
+            let url = signer.sign(&id, channel, NOW).unwrap();
+            let (_, _, expires, sig) = parts(&url);
+            assert_eq!(rotating.verify(&id, channel, expires, &sig, NOW), Ok(()));
+        }
+        // The rotating node signs with the new key, which a node with only it accepts.
+        let (_, _, expires, sig) = parts(&rotating.sign(&id, channel, NOW).unwrap());
+        assert_eq!(new_only.verify(&id, channel, expires, &sig, NOW), Ok(()));
+        let (_, _, expires, sig) = parts(&old.sign(&id, channel, NOW).unwrap());
+        assert_eq!(
+            new_only.verify(&id, channel, expires, &sig, NOW),
+            Err(SigError::Invalid)
+        );
+    }
 
     fn parts(url: &str) -> (String, String, u64, String) {
         let (path, query) = url.split_once('?').unwrap();

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::{
     WebSocketStream,
@@ -34,8 +34,10 @@ use tokio_tungstenite::{
 const FRAGMENT_BYTES: usize = 16 * 1024;
 /// Outbox turns in a row before the client is served first.
 const OUTBOX_STREAK: u32 = 4;
-/// How long a closing session waits for the client's close frame.
-const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// How long a closing session tries to hand over its farewell (after the rest of a
+/// message cut off between fragments) and waits for the client's close frame: a client
+/// that catches up on reading within it still learns why.
+const CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// Bytes per second a client must at least take in: a write may take `write_timeout`
 /// (`[limits] write_timeout_ms`) plus the time its bytes need at this rate; a client that
 /// takes longer has stopped reading and is closed as a slow consumer (4008). Without a
@@ -61,6 +63,7 @@ enum Event {
 pub async fn serve<S>(
     core: &mut SessionCore,
     ws: &mut WebSocketStream<S>,
+    carry: &mut Carry,
     metrics: &Metrics,
 ) -> Exit
 where
@@ -161,7 +164,7 @@ where
         let written = bounded(
             grace,
             bytes,
-            write(ws, core.encoding(), &mut pending, metrics),
+            write(ws, core.encoding(), &mut pending, carry, metrics),
         );
         // A close requested while the write is blocked (the queue overflowed behind it)
         // ends the session at once, unless this write is the session's last.
@@ -222,11 +225,18 @@ async fn bounded<T>(
         .map_err(|_| Stalled)
 }
 
+/// Frames handed to tungstenite one at a time. Whatever a dropped write (a timeout, a
+/// slow-consumer abort) did not hand over stays here, so a message cut off between its
+/// fragments can still be finished before the close frame.
+#[derive(Default)]
+pub struct Carry(VecDeque<Message>);
+
 /// Writes the packed payloads, then flushes once.
 async fn write<S>(
     ws: &mut WebSocketStream<S>,
     encoding: Encoding,
     pending: &mut Vec<Bytes>,
+    carry: &mut Carry,
     metrics: &Metrics,
 ) -> Result<(), WsError>
 where
@@ -237,7 +247,7 @@ where
         bytes += payload.len() as u64;
         messages += 1;
         if payload.len() <= FRAGMENT_BYTES {
-            ws.feed(message(encoding, payload)).await?;
+            carry.0.push_back(message(encoding, payload));
             continue;
         }
         // tungstenite copies each frame into its write buffer and keeps that buffer's
@@ -256,9 +266,14 @@ where
                 OpCode::Data(Data::Continue)
             };
             let frame = Frame::message(payload.slice(offset..end), opcode, end == payload.len());
-            ws.feed(Message::Frame(frame)).await?;
+            carry.0.push_back(Message::Frame(frame));
             offset = end;
         }
+    }
+    // Cloning a message clones `Bytes` handles only; it leaves `carry` once handed over.
+    while let Some(m) = carry.0.front().cloned() {
+        ws.feed(m).await?;
+        carry.0.pop_front();
     }
     ws.flush().await?;
     if messages > 0 {
@@ -270,13 +285,30 @@ where
 
 /// Sends the core's farewell (`Disconnect`) and the close frame, then waits briefly for
 /// the client's close.
-pub async fn close<S>(core: &mut SessionCore, ws: &mut WebSocketStream<S>, code: CloseCode)
-where
+pub async fn close<S>(
+    core: &mut SessionCore,
+    ws: &mut WebSocketStream<S>,
+    carry: &mut Carry,
+    code: CloseCode,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let farewell = core.farewell(code);
     let encoding = core.encoding();
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        // A message cut off between fragments is finished first, or the client would
+        // see the farewell inside it (a protocol error); whole messages not yet handed
+        // over are dropped (the client recovers them).
+        while let Some(Message::Frame(f)) = carry.0.front() {
+            if f.header().opcode != OpCode::Data(Data::Continue) {
+                break;
+            }
+            let m = Message::Frame(f.clone());
+            if ws.feed(m).await.is_err() {
+                return;
+            }
+            carry.0.pop_front();
+        }
         if ws.feed(message(encoding, farewell)).await.is_err() {
             return;
         }

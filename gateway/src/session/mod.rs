@@ -61,12 +61,13 @@ pub async fn run<S>(
         Some(code) => Some(code),
         None => Box::pin(core.start()).await,
     };
+    let mut carry = connection::Carry::default();
     let exit = match refused {
         Some(code) => Exit::Close(code),
-        None => connection::serve(&mut core, &mut ws, metrics).await,
+        None => connection::serve(&mut core, &mut ws, &mut carry, metrics).await,
     };
     Box::pin(core.end()).await;
     if let Exit::Close(code) = exit {
-        Box::pin(connection::close(&mut core, &mut ws, code)).await;
+        Box::pin(connection::close(&mut core, &mut ws, &mut carry, code)).await;
     }
 }

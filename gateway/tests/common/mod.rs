@@ -277,7 +277,10 @@ impl Client {
                     }));
                 }
                 Ok(_) => continue,
-                Err(_) => return None,
+                Err(e) => {
+                    eprintln!("client read error: {e}");
+                    return None;
+                }
             };
             let limits = Limits {
                 max_frames_per_message: 100_000,

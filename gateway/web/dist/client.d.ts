@@ -166,6 +166,10 @@ type Subscribe = Message<"gateway.v1.Subscribe"> & {
 	 * @generated from field: string epoch = 4;
 	 */
 	epoch: string;
+	/**
+	 * @generated from field: string token = 5;
+	 */
+	token: string;
 };
 type Unsubscribe = Message<"gateway.v1.Unsubscribe"> & {
 	/**
@@ -385,6 +389,10 @@ type ConnectResult = Message<"gateway.v1.ConnectResult"> & {
 	 * @generated from field: uint32 max_message_bytes = 4;
 	 */
 	maxMessageBytes: number;
+	/**
+	 * @generated from field: repeated gateway.v1.SubscribeResult subscriptions = 5;
+	 */
+	subscriptions: SubscribeResult[];
 };
 type SubscribeResult = Message<"gateway.v1.SubscribeResult"> & {
 	/**
@@ -407,6 +415,10 @@ type SubscribeResult = Message<"gateway.v1.SubscribeResult"> & {
 	 * @generated from field: repeated gateway.v1.Publication publications = 5;
 	 */
 	publications: Publication[];
+	/**
+	 * @generated from field: string channel = 6;
+	 */
+	channel: string;
 };
 type UnsubscribeResult = Message<"gateway.v1.UnsubscribeResult"> & {};
 type PublishResult = Message<"gateway.v1.PublishResult"> & {
@@ -424,6 +436,10 @@ type PresenceResult = Message<"gateway.v1.PresenceResult"> & {
 	 * @generated from field: repeated gateway.v1.ClientInfo clients = 1;
 	 */
 	clients: ClientInfo[];
+	/**
+	 * @generated from field: bool truncated = 2;
+	 */
+	truncated: boolean;
 };
 type HistoryResult = Message<"gateway.v1.HistoryResult"> & {
 	/**
@@ -752,6 +768,12 @@ export interface SubscribeOptions {
 		epoch: string;
 		offset: bigint;
 	};
+	/**
+	 * Subscription token for a channel of a private namespace (a JWT from your backend
+	 * with `sub` and `channel`). A function is asked again at every (re)subscribe, so a
+	 * fresh token can be fetched.
+	 */
+	token?: string | (() => string | Promise<string>);
 }
 export interface PublishOptions {
 	contentType?: string;
@@ -841,6 +863,8 @@ export declare class Subscription extends Emitter<SubscriptionEvents> {
 	readonly client: Client;
 	/** @internal Subscribe attempts that failed temporarily in a row. */
 	retries: number;
+	/** @internal Where the subscription token comes from, if any. */
+	readonly tokenSource: SubscribeOptions["token"];
 	constructor(client: Client, channel: string, options: SubscribeOptions, link: Link);
 	/** Where the subscription is: save it to resume later (`subscribe(…, { since })`). */
 	get position(): {

@@ -97,6 +97,12 @@ export interface SubscribeOptions {
   history?: number;
   /** Resume from a position saved earlier (recovering what came after it). */
   since?: { epoch: string; offset: bigint };
+  /**
+   * Subscription token for a channel of a private namespace (a JWT from your backend
+   * with `sub` and `channel`). A function is asked again at every (re)subscribe, so a
+   * fresh token can be fetched.
+   */
+  token?: string | (() => string | Promise<string>);
 }
 
 export interface PublishOptions {
@@ -492,7 +498,23 @@ export class Client extends Emitter<ClientEvents> {
   }
 
   #subscribeNow(sub: Subscription): void {
-    const value = create(SubscribeSchema, { channel: sub.channel, ...sub.recoverFrom() });
+    const source = sub.tokenSource;
+    if (typeof source !== "function") {
+      this.#sendSubscribe(sub, source ?? "");
+      return;
+    }
+    Promise.resolve()
+      .then(source)
+      .then(
+        (token) => {
+          if (this.#state === "connected" && this.#subs.get(sub.channel) === sub) this.#sendSubscribe(sub, token);
+        },
+        (e: unknown) => sub.failed(new GatewayError(101, `subscription token: ${String(e)}`, false)),
+      );
+  }
+
+  #sendSubscribe(sub: Subscription, token: string): void {
+    const value = create(SubscribeSchema, { channel: sub.channel, token, ...sub.recoverFrom() });
     const f = frame(this.#id(), { case: "subscribe", value });
     this.#requests.set(f.id, {
       frame: f,
@@ -800,6 +822,8 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   #active = true;
   /** @internal Subscribe attempts that failed temporarily in a row. */
   retries = 0;
+  /** @internal Where the subscription token comes from, if any. */
+  readonly tokenSource: SubscribeOptions["token"];
 
   constructor(client: Client, channel: string, options: SubscribeOptions, link: Link) {
     super();
@@ -807,6 +831,7 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     this.channel = channel;
     this.#link = link;
     this.#history = options.history ?? 0;
+    this.tokenSource = options.token;
     if (options.since) this.#pos.set(options.since.epoch, options.since.offset);
   }
 
