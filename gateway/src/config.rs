@@ -260,7 +260,7 @@ impl Default for LimitsFile {
             api_body_bytes: 4 << 20,
             api_timeout_ms: 10_000,
             api_concurrency: 1024,
-            bytes_per_second: 1 << 20,
+            bytes_per_second: 0,
             bytes_burst: 4 << 20,
             max_history_limit: 1000,
             max_presence_clients: 1000,
