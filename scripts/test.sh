@@ -33,6 +33,8 @@ if ! (cd gateway/web && npm ls --depth=0 >/dev/null 2>&1); then
   (cd gateway/web && npm install --no-audit --no-fund --loglevel=error)
 fi
 
+echo "==> deploy/ and k8s/: promtool, dashboard metrics, haproxy, hadolint, kustomize + schemas"
+bash scripts/check-deploy.sh
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> module layers (no import cycles, no arrows against the data flow)"

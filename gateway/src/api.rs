@@ -118,11 +118,29 @@ fn bad_param(e: h::ParamError) -> CommandError {
 }
 
 async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    use tracing::Instrument;
     let route = route_name(req.method(), req.uri().path());
-    let response = match dispatch(node, req).await {
+    // A caller's `X-Request-Id` (bounded) is kept; otherwise one is made. It is in every
+    // log line of the request and echoed in the response.
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
+    let span = tracing::info_span!("api", request_id = %id, route);
+    let mut response = match dispatch(node, req).instrument(span.clone()).await {
         Ok(r) => r,
-        Err(e) => error_response(e),
+        Err(e) => {
+            span.in_scope(
+                || tracing::debug!(code = e.code.code(), error = %e.message, "API error"),
+            );
+            error_response(e)
+        }
     };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
     metrics::api_request(route, response.status().as_u16());
     response
 }

@@ -51,6 +51,11 @@ pub enum StartError {
 /// Builds the node from `config` and serves until SIGTERM/SIGINT has drained it.
 pub async fn run(config: config::Config) -> Result<(), StartError> {
     let (metrics, prometheus) = metrics::Metrics::install();
+    metrics::limits(
+        config.transport.max_connections,
+        config.blobs.upload_budget_bytes,
+        config.blobs.memory_store_bytes,
+    );
     let clock = clock::Clock::system();
     let blob_urls = Arc::new(blobs::signing::UrlSigner::new(config.blobs.url_ttl));
     if let Some(keys) = &config.blobs.signing_key {

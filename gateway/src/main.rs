@@ -13,8 +13,10 @@ fn main() -> std::process::ExitCode {
     };
     let filter = EnvFilter::try_from_env("GATEWAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     match config.log_format {
+        // Colour codes only for a person at a terminal, never into a log collector.
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()

@@ -282,3 +282,16 @@ pub fn presence_truncated() {
 pub fn read_throttled(took: std::time::Duration) {
     counter!("gateway_read_throttled_seconds_total").increment(took.as_micros() as u64);
 }
+
+/// 1 while `/readyz` answers 200 (scraped with the rest).
+pub fn ready(ready: bool) {
+    gauge!("gateway_ready").set(if ready { 1.0 } else { 0.0 });
+}
+
+/// The configured limits alerts compare usage with: sockets per node, the upload budget
+/// and the embedded blob store's size.
+pub fn limits(max_connections: usize, upload_budget_bytes: usize, blob_store_bytes: usize) {
+    gauge!("gateway_max_connections").set(max_connections as f64);
+    gauge!("gateway_blob_upload_budget_bytes").set(upload_budget_bytes as f64);
+    gauge!("gateway_blob_store_limit_bytes").set(blob_store_bytes as f64);
+}

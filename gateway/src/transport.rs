@@ -62,7 +62,7 @@ pub async fn serve(
                 Ok(Ok(stream)) => serve_http(stream, shared, peer.ip()).await,
                 Ok(Err(e)) => {
                     metrics::rejected("tls");
-                    tracing::debug!(error = %e, "TLS handshake failed");
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 }
                 Err(_) => metrics::rejected("tls_timeout"),
             }
@@ -113,11 +113,14 @@ async fn route(
         (&Method::GET, "/favicon.ico") => text(StatusCode::NO_CONTENT, ""),
         (&Method::GET, "/readyz") if node.is_ready() => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        (&Method::GET, "/metrics") => response(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics::render(prometheus),
-        ),
+        (&Method::GET, "/metrics") => {
+            metrics::ready(node.is_ready());
+            response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics::render(prometheus),
+            )
+        }
         _ if path.starts_with("/api/") => api::call(api, req).await,
         (&Method::GET | &Method::HEAD, p) if p.starts_with("/blobs/") => {
             files::serve(node, req.method(), path, req.uri().query(), req.headers()).await
@@ -239,7 +242,7 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
+                tracing::debug!(%peer, error = %e, "upgrade failed");
                 return;
             }
         };
@@ -259,6 +262,7 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
             encoding,
             token,
             reject,
+            peer: client,
         };
         session::run(node.sessions.clone(), ws, params, &node.metrics).await;
     });

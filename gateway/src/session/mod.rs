@@ -33,6 +33,8 @@ pub struct Params {
     /// Set when the upgrade is refused with a close code (origin, capacity): the session
     /// only says so and ends.
     pub reject: Option<CloseCode>,
+    /// The client's address (after trusted proxies), for log lines.
+    pub peer: std::net::IpAddr,
 }
 
 /// Runs a session to its end. The caller has completed the WebSocket upgrade.
@@ -62,10 +64,16 @@ pub async fn run<S>(
         None => Box::pin(core.start()).await,
     };
     let mut carry = connection::Carry::default();
+    tracing::debug!(client = %core.client_id(), peer = %params.peer, "session started");
     let exit = match refused {
         Some(code) => Exit::Close(code),
         None => connection::serve(&mut core, &mut ws, &mut carry, metrics).await,
     };
+    let code = match &exit {
+        Exit::Close(code) => code.code(),
+        Exit::Gone => 0,
+    };
+    tracing::debug!(client = %core.client_id(), peer = %params.peer, code, "session ended");
     Box::pin(core.end()).await;
     if let Exit::Close(code) = exit {
         Box::pin(connection::close(&mut core, &mut ws, &mut carry, code)).await;
