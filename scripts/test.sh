@@ -54,3 +54,8 @@ cargo build -p gateway --bins --examples --quiet
 target="${CARGO_TARGET_DIR:-target}/debug"
 node tests/browser/apps.test.mjs "$target/gateway" "$target/examples/volume_backend"
 node tests/browser/readme.test.mjs "$target/gateway"
+echo "==> k6 smoke: fan-out and a reconnect storm through HAProxy over two nodes on Redis"
+GATEWAY_BIN="$target/gateway" loadtest/k6/smoke.sh loadtest/k6/fanout.js \
+  -e SUBSCRIBERS=100 -e PUBLISH_RATE=20 -e DURATION=10s
+GATEWAY_BIN="$target/gateway" loadtest/k6/smoke.sh loadtest/k6/storm.js \
+  -e CLIENTS=300 -e STORM_AT_S=5 -e HOLD_S=10
