@@ -17,7 +17,15 @@ use broker_proto::{
     ErrorCode,
     v1::{BlobRef, ClientInfo, Publication},
 };
-use std::{sync::Arc, time::Instant};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
 /// A blob's name (a file name, for display) is at most this long.
 pub const MAX_BLOB_NAME: usize = 255;
@@ -51,6 +59,21 @@ pub struct Channels {
     /// of recoveries or hostile history requests waits here instead of piling up
     /// broker replies in memory.
     history_permits: Arc<tokio::sync::Semaphore>,
+    /// History reads in flight, by (channel, since, limit): a storm of recoveries from the
+    /// same position shares one broker read per node.
+    reads_in_flight: Arc<Mutex<HashMap<ReadKey, InFlight>>>,
+    next_read: AtomicU64,
+}
+
+type ReadKey = (String, u64, usize);
+type SharedPage = Shared<BoxFuture<'static, Result<HistoryPage, CommandError>>>;
+
+/// A broker history read others may join: only callers that arrived no later than it
+/// started, so it cannot miss a publication their live delivery did not get.
+struct InFlight {
+    started: Instant,
+    id: u64,
+    page: SharedPage,
 }
 
 /// One of the node's `history_reads_per_node` permits, held by a history page until it
@@ -83,6 +106,8 @@ impl Channels {
             hub,
             blobs,
             history_permits: Arc::new(tokio::sync::Semaphore::new(reads.history_reads_per_node)),
+            reads_in_flight: Arc::default(),
+            next_read: AtomicU64::new(0),
             reads,
         }
     }
@@ -208,6 +233,10 @@ impl Channels {
 
     /// Reads history after `since` (103 where the namespace keeps none). The permit
     /// goes with the page: drop it once the page is written.
+    ///
+    /// Callers must be subscribed (hub and broker) before calling, as recovery requires:
+    /// the read they get started after this call began, so every publication their live
+    /// delivery missed is in it. Identical reads that started since are shared.
     pub async fn history(
         &self,
         channel: &ChannelName,
@@ -220,6 +249,7 @@ impl Channels {
                 "history is disabled in this namespace",
             ));
         }
+        let called = Instant::now();
         let cap = self.reads.max_history_limit;
         let limit = match limit {
             Limit::All => 0,
@@ -241,12 +271,74 @@ impl Channels {
             self.reads.history_reads_per_node - self.history_permits.available_permits(),
         );
         let mut page = self
-            .broker
-            .history(channel, options, since, limit)
-            .await
-            .inspect_err(|_| metrics::broker_error("history"))?;
+            .shared_read(channel, options, since, limit, called)
+            .await?;
         self.sign(&mut page.publications);
         Ok((page, permit))
+    }
+
+    /// Joins a read of the same page that started at or after `not_before`, or starts one.
+    async fn shared_read(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        since: u64,
+        limit: usize,
+        not_before: Instant,
+    ) -> Result<HistoryPage, CommandError> {
+        let key: ReadKey = (channel.as_str().to_owned(), since, limit);
+        let page = {
+            let mut reads = self
+                .reads_in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match reads.get(&key) {
+                Some(read) if read.started >= not_before => {
+                    metrics::history_read_merged();
+                    read.page.clone()
+                }
+                _ => {
+                    let id = self.next_read.fetch_add(1, Ordering::Relaxed);
+                    let (broker, channel, options) =
+                        (self.broker.clone(), channel.clone(), *options);
+                    let reads_in_flight = self.reads_in_flight.clone();
+                    let key2 = key.clone();
+                    let page = async move {
+                        let result = broker
+                            .history(&channel, &options, since, limit)
+                            .await
+                            .inspect_err(|_| metrics::broker_error("history"))
+                            .map_err(CommandError::from);
+                        // Done: later callers start a fresh read. A newer read under the
+                        // same key stays.
+                        let mut reads = reads_in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                        if reads.get(&key2).is_some_and(|r| r.id == id) {
+                            reads.remove(&key2);
+                        }
+                        result
+                    }
+                    .boxed()
+                    .shared();
+                    // A read whose callers all went away (an API timeout) is never
+                    // finished or removed by itself: forget such entries in bulk.
+                    if reads.len() >= 1024 {
+                        reads.retain(|_, r| {
+                            r.started.elapsed() < std::time::Duration::from_secs(60)
+                        });
+                    }
+                    reads.insert(
+                        key,
+                        InFlight {
+                            started: Instant::now(),
+                            id,
+                            page: page.clone(),
+                        },
+                    );
+                    page
+                }
+            }
+        };
+        page.await
     }
 
     pub async fn position(&self, channel: &ChannelName) -> Result<Position, CommandError> {

@@ -123,9 +123,7 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
         }
     };
     let addr = node.config.transport.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -165,4 +163,20 @@ pub async fn run(config: config::Config) -> Result<(), StartError> {
     upkeep.abort();
     tracing::info!("drained, exiting");
     Ok(())
+}
+
+/// Pending connections the listener queues (the kernel caps it at `net.core.somaxconn`):
+/// a reconnect storm sends thousands of SYNs at once, and every one dropped from a full
+/// queue waits a second or more for its retransmission.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

@@ -295,3 +295,8 @@ pub fn limits(max_connections: usize, upload_budget_bytes: usize, blob_store_byt
     gauge!("gateway_blob_upload_budget_bytes").set(upload_budget_bytes as f64);
     gauge!("gateway_blob_store_limit_bytes").set(blob_store_bytes as f64);
 }
+
+/// A history read that joined an identical one already in flight (a reconnect storm).
+pub fn history_read_merged() {
+    counter!("gateway_history_reads_merged_total").increment(1);
+}

@@ -387,6 +387,7 @@ async fn a_flood_of_deliveries_does_not_hold_up_a_clients_commands() {
             encoding: Encoding::Proto,
             token: None,
             reject: None,
+            peer: std::net::Ipv4Addr::LOCALHOST.into(),
         };
         super::run(ctx, ws, params, &Metrics::detached()).await;
     });

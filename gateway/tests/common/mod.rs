@@ -57,9 +57,10 @@ impl Server {
             .filter(|b| !b.is_empty())
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_gateway").to_owned());
         let mut command = Process::new(bin);
-        command
-            .args(["--listen", "127.0.0.1:0", "--config"])
-            .arg(&path);
+        if !args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        command.arg("--config").arg(&path);
         if !args.contains(&"--node-id") {
             command.args(["--node-id", "test-node"]);
         }
@@ -341,6 +342,28 @@ impl Client {
         skipped.extend(self.pushes.drain(..));
         self.pushes = skipped;
         reply
+    }
+
+    /// Like [`Self::call`], but `None` when the connection ends first (a node going away
+    /// under a client that reconnects).
+    pub async fn try_call(&mut self, command: Command) -> Option<ServerFrame> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.try_send_frames(&[ClientFrame {
+            id,
+            command: Some(command),
+        }])
+        .await
+        .ok()?;
+        loop {
+            if let Some(i) = self.pushes.iter().position(|f| f.id == id) {
+                return self.pushes.remove(i);
+            }
+            match self.read().await {
+                Some(Ok(frames)) => self.pushes.extend(frames),
+                _ => return None,
+            }
+        }
     }
 
     /// The next push (id 0), skipping nothing: a reply here is a test failure.
@@ -636,7 +659,7 @@ impl Haproxy {
         let port = free_port();
         let dir = temp_dir("haproxy");
         let mut cfg = format!(
-            "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  \
+            "global\n  maxconn 9000\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  \
              timeout server 60s\n  timeout tunnel 1h\n  option redispatch\n  retries 2\n\
              frontend fe\n  bind 127.0.0.1:{port}\n  default_backend gw\n\
              backend gw\n  balance roundrobin\n  option httpchk GET /readyz\n"
