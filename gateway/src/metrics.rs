@@ -280,7 +280,7 @@ pub fn presence_truncated() {
 
 /// Time a connection's reads were paused by its `bytes_per_second` limit.
 pub fn read_throttled(took: std::time::Duration) {
-    counter!("gateway_read_throttled_seconds_total").increment(took.as_micros() as u64);
+    counter!("gateway_read_throttled_microseconds_total").increment(took.as_micros() as u64);
 }
 
 /// 1 while `/readyz` answers 200 (scraped with the rest).

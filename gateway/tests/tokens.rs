@@ -432,7 +432,7 @@ async fn bytes_per_second_slow_a_flooding_client_down() {
     // 100 KB at 20 KB/s after a 20 KB burst: about 4 s.
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(3), "not throttled: {took:?}");
-    assert!(server.metric("gateway_read_throttled_seconds_total") > 0.0);
+    assert!(server.metric("gateway_read_throttled_microseconds_total") > 0.0);
 }
 
 /// Presence replies list at most `max_presence_clients` (and say so); history pages are
