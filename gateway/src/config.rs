@@ -36,6 +36,9 @@ pub struct Args {
     /// Key for the HTTP API (`X-API-Key` header); API disabled when unset
     #[arg(long, env = "GATEWAY_API_KEY")]
     pub api_key: Option<String>,
+    /// Serve the admin page at /admin (it asks for the API key; needs --api-key)
+    #[arg(long, env = "GATEWAY_ADMIN")]
+    pub admin: bool,
     /// Log format
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -86,6 +89,8 @@ struct File {
     node_id: Option<String>,
     api_key: Option<String>,
     log_format: Option<LogFormat>,
+    #[serde(default)]
+    admin: bool,
     #[serde(default)]
     allowed_origins: Vec<String>,
     #[serde(default)]
@@ -335,6 +340,8 @@ pub struct ReadLimits {
 pub struct ApiConfig {
     /// `X-API-Key`; the API is disabled (403) without one.
     pub key: Option<String>,
+    /// Whether `/admin` is served (only with a key: every call the page makes needs it).
+    pub admin: bool,
     pub body_bytes: usize,
     pub timeout: Duration,
     pub concurrency: usize,
@@ -673,6 +680,7 @@ impl Config {
                 history_reads_per_node: l.history_reads_per_node.max(1),
             },
             api: ApiConfig {
+                admin: args.admin || file.admin,
                 key: args.api_key.or(file.api_key).filter(|k| !k.is_empty()),
                 body_bytes: l.api_body_bytes,
                 timeout: Duration::from_millis(l.api_timeout_ms),

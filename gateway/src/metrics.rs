@@ -109,34 +109,49 @@ pub fn render(handle: &PrometheusHandle) -> String {
     text
 }
 
+/// User plus system CPU time of this process.
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(secs(usage.ru_utime) + secs(usage.ru_stime))
+}
+
+/// Virtual and resident bytes of this process.
+fn process_memory() -> Option<(u64, u64)> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let mut fields = statm
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().unwrap_or(0));
+    Some((fields.next()? * page, fields.next()? * page))
+}
+
+pub fn process_resident_bytes() -> Option<u64> {
+    process_memory().map(|(_, rss)| rss)
+}
+
 /// The standard `process_*` series, as the Prometheus client libraries name them.
 fn process_metrics(out: &mut String) {
     use std::fmt::Write;
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        let cpu = secs(usage.ru_utime) + secs(usage.ru_stime);
+    if let Some(cpu) = process_cpu_seconds() {
         let _ = writeln!(
             out,
             "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}"
         );
     }
-    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-        let mut fields = statm
-            .split_whitespace()
-            .map(|f| f.parse::<u64>().unwrap_or(0));
-        let (virt, rss) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
+    if let Some((virt, rss)) = process_memory() {
         let _ = writeln!(
             out,
-            "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
-            rss * page
+            "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
         );
         let _ = writeln!(
             out,
-            "# TYPE process_virtual_memory_bytes gauge\nprocess_virtual_memory_bytes {}",
-            virt * page
+            "# TYPE process_virtual_memory_bytes gauge\nprocess_virtual_memory_bytes {virt}"
         );
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {

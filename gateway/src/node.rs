@@ -135,6 +135,8 @@ impl Node {
             channels: self.hub.channel_count(),
             updated_unix_ms: self.clock.unix_ms(),
             layout: String::new(),
+            cpu_seconds: crate::metrics::process_cpu_seconds().unwrap_or(0.0),
+            memory_bytes: crate::metrics::process_resident_bytes().unwrap_or(0),
         }
     }
 }

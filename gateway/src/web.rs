@@ -1,6 +1,6 @@
 //! The browser files the gateway serves: the client library (`/client.js`, its types at
-//! `/client.d.ts`, the JSON encoding at `/client-json.js`), the chat at `/` and the volume
-//! viewer at `/volume`. Built from `gateway/web/` (`npm run build`) and committed, so the
+//! `/client.d.ts`, the JSON encoding at `/client-json.js`), the chat at `/`, the volume
+//! viewer at `/volume` and the admin page at `/admin` (served only when enabled). Built from `gateway/web/` (`npm run build`) and committed, so the
 //! binary embeds them and `cargo run` needs no npm; CI checks they are what the sources
 //! build. Served with an ETag (a hash of the file, made once) and `Cache-Control:
 //! no-cache`, so browsers revalidate with a cheap 304 after an upgrade.
@@ -40,6 +40,8 @@ static FILES: &[File] = &[
     file!("/client-json.js", "client-json.js", JS),
     file!("/chat.js", "chat.js", JS),
     file!("/volume.js", "volume.js", JS),
+    file!("/admin", "admin.html", HTML),
+    file!("/admin.js", "admin.js", JS),
 ];
 
 /// An ETag per file: FNV-1a over its bytes, computed on first use.

@@ -70,10 +70,14 @@ await esbuild.build({ ...common, entryPoints: { client: join(root, "src/client.t
 await esbuild.build({ ...common, entryPoints: { "client-json": join(root, "src/json.ts") }, outdir: out });
 await esbuild.build({
   ...common,
-  entryPoints: { chat: join(root, "apps/chat/chat.ts"), volume: join(root, "apps/volume/volume.ts") },
+  entryPoints: {
+    chat: join(root, "apps/chat/chat.ts"),
+    volume: join(root, "apps/volume/volume.ts"),
+    admin: join(root, "apps/admin/admin.ts"),
+  },
   outdir: out,
 });
-for (const page of ["apps/chat/index.html", "apps/volume/volume.html"]) {
+for (const page of ["apps/chat/index.html", "apps/volume/volume.html", "apps/admin/admin.html"]) {
   cpSync(join(root, page), join(out, page.split("/").pop()));
 }
 execFileSync(

@@ -59,7 +59,7 @@ for (let i = 1; i <= 3; i++) {
     await startGateway(gatewayBin, {
       name: `node${i}`,
       config: CONFIG,
-      args: ["--redis-url", redis.url, "--api-key", API_KEY, "--rpc-url", `http://${backend.addr}`],
+      args: ["--redis-url", redis.url, "--api-key", API_KEY, "--rpc-url", `http://${backend.addr}`, "--admin"],
     }),
   );
 }
@@ -151,6 +151,56 @@ try {
         { timeout: 10_000 },
       );
     }
+  });
+
+  await t.check("the admin page lists the nodes, shows a channel, publishes and disconnects a user", async () => {
+    // A chat page (anonymous "carol") and a client signed in as "erin", both in chat:adm.
+    const chat = await openChat("carol", "adm");
+    const erin = await newPage();
+    const token = await new SignJWT({})
+      .setProtectedHeader({ alg: "HS256" })
+      .setSubject("erin")
+      .sign(new TextEncoder().encode(SECRET));
+    await erin.goto(`${base}/volume`);
+    await erin.evaluate(async (token) => {
+      const { Client } = await import("/client.js");
+      const w = (window.erin = { got: [], codes: [] });
+      const c = new Client(`ws://${location.host}/ws`, { token });
+      c.on("disconnected", (d) => w.codes.push(d.code));
+      const sub = c.subscribe("chat:adm");
+      sub.on("publication", (p) => w.got.push(new TextDecoder().decode(p.data)));
+      await new Promise((r) => sub.on("subscribed", r));
+    }, token);
+    const admin = await newPage();
+    await admin.goto(`${base}/admin`);
+    await admin.fill("#key", API_KEY);
+    await admin.press("#key", "Enter");
+    await admin.waitForFunction((n) => document.querySelectorAll("#nodes tbody tr").length === n, nodes.length, { timeout: 10_000 });
+    const names = await admin.$$eval("#nodes tbody tr td:first-child", (tds) => tds.map((td) => td.textContent).sort());
+    if (JSON.stringify(names) !== JSON.stringify(nodes.map((n) => n.name).sort())) throw new Error(`nodes listed: ${names}`);
+    // CPU is a rate between two refreshes: a number once the second one arrived.
+    await admin.waitForFunction(() => [...document.querySelectorAll("#nodes tbody tr td:nth-child(4)")].every((td) => /^\d+\.\d\d$/.test(td.textContent)), null, { timeout: 10_000 });
+    await admin.fill("#pub-channel", "chat:adm");
+    await admin.fill("#pub-text", "hello from the admin page");
+    await admin.click("#publish button");
+    await admin.waitForSelector("text=published to chat:adm at offset", { timeout: 10_000 });
+    await erin.waitForFunction(() => window.erin.got.includes("hello from the admin page"), null, { timeout: 10_000 });
+    await admin.fill("#channel", "chat:adm");
+    await admin.click("#inspect button");
+    await admin.waitForFunction(() => /carol/.test(document.querySelector("#presence").textContent), null, { timeout: 10_000 });
+    await admin.waitForSelector("#history li >> text=hello from the admin page", { timeout: 10_000 });
+    await admin.screenshot({ path: `${screenshots}admin.png` });
+    await admin.fill("#user", "erin");
+    await admin.click("#disconnect button");
+    await admin.waitForSelector("text=disconnected erin on every node", { timeout: 10_000 });
+    await erin.waitForFunction(() => window.erin.codes.includes(4000), null, { timeout: 10_000 });
+    // A wrong key is refused, and says so.
+    const wrong = await newPage();
+    await wrong.goto(`${base}/admin`);
+    await wrong.fill("#key", "not-the-key");
+    await wrong.press("#key", "Enter");
+    await wrong.waitForSelector("#error >> text=X-API-Key", { timeout: 10_000 });
+    for (const p of [chat, erin, admin, wrong]) await p.context().close();
   });
 
   await t.check("an image sent from one page is shown by the other, byte for byte", async () => {

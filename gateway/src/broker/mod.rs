@@ -76,6 +76,12 @@ pub struct NodeInfo {
     /// The fingerprint of the Redis servers the node shards over (empty without).
     #[serde(default)]
     pub layout: String,
+    /// CPU time the process has used, and its resident memory (the admin page shows
+    /// their rates and sizes; absent from entries of older nodes).
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 #[async_trait]
