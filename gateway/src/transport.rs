@@ -126,7 +126,9 @@ async fn route(
             files::serve(node, req.method(), path, req.uri().query(), req.headers()).await
         }
         // The admin page is off unless configured, and useless without the API key.
-        (_, "/admin" | "/admin.js") if !(node.config.api.admin && node.config.api.key.is_some()) => {
+        (_, "/admin" | "/admin.js")
+            if !(node.config.api.admin && node.config.api.key.is_some()) =>
+        {
             text(StatusCode::NOT_FOUND, "not found\n")
         }
         (method, path) => web::serve(method, path, req.headers())

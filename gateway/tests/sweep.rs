@@ -730,7 +730,6 @@ async fn blobs(server: &Server, tried: &mut Tried) {
             data: png[..png.len().min(60_000)].to_vec().into(),
             last: true,
             id: "cd".repeat(32),
-            ..Default::default()
         }))
         .await;
     assert_eq!(error_code(&f), Some(113));
@@ -772,8 +771,16 @@ fn http_api(server: &Server, tried: &mut Tried) {
     let big = format!(r#"{{"channel":"a","data":"{}"}}"#, "A".repeat(8000));
     let forged = format!("/blobs/{blob}?channel=pics&expires=9999999999&sig=AAAA");
     let unsigned = format!("/blobs/{blob}");
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        u16,
+    );
     #[rustfmt::skip]
-    let cases: Vec<(&str, &str, &str, &[(&str, &str)], &str, u16)> = vec![
+    let cases: Vec<Case> = vec![
         ("no API key", "POST", "/api/v1/publish", none, r#"{"channel":"a"}"#, 401),
         ("wrong API key", "POST", "/api/v1/publish", wrong, "{}", 401),
         ("body that is not JSON", "POST", "/api/v1/publish", key, "{{{", 400),
