@@ -219,6 +219,19 @@ async fn the_channels_claim_subscribes_server_side() {
         );
     }
 
+    // A refresh of the same user's token after server-side subscriptions is fine; the
+    // subscriptions it already holds are not made again.
+    let refreshed = ok(at_upgrade
+        .call(Command::Connect(Connect {
+            token: token(json!({"sub": "alice", "channels": ["news:today"], "exp": get_current_timestamp() + 600})),
+            ..Default::default()
+        }))
+        .await);
+    let Body::Connect(result) = refreshed else {
+        panic!("{refreshed:?}")
+    };
+    assert!(result.subscriptions.is_empty());
+
     // A channel the node cannot use makes the token invalid.
     let mut bad = as_user(&server, json!({"sub": "a", "channels": ["nope:x"]})).await;
     expect_close(&mut bad, 4001).await;

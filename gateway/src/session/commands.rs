@@ -164,7 +164,10 @@ impl SessionCore {
         }
         CommandError::check_len("name", &connect.name, bounds::CLIENT_LABEL)?;
         CommandError::check_len("version", &connect.version, bounds::CLIENT_LABEL)?;
-        if !self.subscriptions.is_empty() {
+        // An anonymous connection becomes a user only before it subscribes (what it holds
+        // was authorized as anonymous); a refresh of the same user may come any time,
+        // after server-side subscriptions too.
+        if self.identity.is_none() && !self.subscriptions.is_empty() {
             return Err(CommandError::bad_request(
                 "connect with a token before subscribing",
             ));
