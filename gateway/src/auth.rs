@@ -33,6 +33,8 @@ const JWKS_MAX_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Deserialize)]
 struct ConnectionClaims {
     sub: String,
+    /// Only subscription tokens carry it: one is never a connection token.
+    channel: Option<serde_json::Value>,
     iat: Option<u64>,
     #[serde(default)]
     channels: Vec<String>,
@@ -204,6 +206,14 @@ impl Verifier {
     pub fn verify_cached(&self, token: &str) -> Result<Identity, AuthError> {
         let (claims, exp) = self.decode::<ConnectionClaims>(token)?;
         self.check_iat(claims.iat)?;
+        if claims.channel.is_some() {
+            return Err(AuthError::Invalid(
+                "a subscription token (it has a channel claim) is not a connection token".into(),
+            ));
+        }
+        if claims.sub.is_empty() {
+            return Err(AuthError::Invalid("sub is empty".into()));
+        }
         if claims.channels.len() > MAX_TOKEN_CHANNELS {
             return Err(AuthError::Invalid(format!(
                 "channels claim lists over {MAX_TOKEN_CHANNELS} channels"
@@ -228,7 +238,8 @@ impl Verifier {
         }
         Ok(Identity {
             user: claims.sub,
-            expires_at: exp,
+            // Accepted within the leeway, so it also ends at exp + leeway.
+            expires_at: exp.map(|e| e.saturating_add(self.leeway)),
             channels: claims.channels,
             grants: claims.grants.map(Grants),
         })
@@ -266,16 +277,22 @@ impl Verifier {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let fetched = self.fetched.read().map(|k| k.clone()).unwrap_or_default();
-        let candidates: Vec<&Key> = self
-            .fixed
-            .iter()
-            .chain(fetched.iter())
+        let all = || self.fixed.iter().chain(fetched.iter());
+        // A token naming a kid some key has is checked against that key only; one naming
+        // an unknown kid against the keys without a kid (plain secrets and PEMs); one
+        // naming none against every key of its algorithm.
+        let named = header
+            .kid
+            .as_ref()
+            .is_some_and(|want| all().any(|k| k.kid.as_ref() == Some(want)));
+        let candidates: Vec<&Key> = all()
             .filter(|k| k.algorithms.contains(&header.alg))
-            .filter(|k| match (&header.kid, &k.kid) {
-                // A token naming a key is checked only against that key; keys without a
-                // kid (plain secrets and PEMs) are tried for any token.
-                (Some(want), Some(have)) => want == have,
-                _ => true,
+            .filter(|k| {
+                if named {
+                    k.kid == header.kid
+                } else {
+                    header.kid.is_none() || k.kid.is_none()
+                }
             })
             .collect();
         let mut last = AuthError::Invalid(format!("no key for algorithm {:?}", header.alg));
@@ -610,7 +627,7 @@ mod tests {
         assert_eq!(
             id,
             Identity {
-                expires_at: Some(exp),
+                expires_at: Some(exp + 5),
                 ..Identity::user("bob")
             }
         );
@@ -738,6 +755,44 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Found by the adversarial review: a subscription token at upgrade made a full
+    /// connection without the user's grants, and `sub: ""` an "authenticated" nobody.
+    #[test]
+    fn a_subscription_token_is_not_a_connection_token() {
+        let v = verifier();
+        for t in [
+            token("s3cret", json!({"sub": "alice", "channel": "secret:x"})),
+            token("s3cret", json!({"sub": "", "channel": "secret:x"})),
+            token("s3cret", json!({"sub": ""})),
+        ] {
+            assert!(matches!(v.verify_cached(&t), Err(AuthError::Invalid(_))));
+        }
+    }
+
+    /// Found by the adversarial review: a kid naming a pinned key was also tried
+    /// against the keys without a kid.
+    #[test]
+    fn a_kid_naming_a_key_uses_that_key_only() {
+        let v = verifier_with(json!({
+            "hmac_secrets": ["s3cret"],
+            "keys": [{"alg": "HS256", "kid": "pinned", "secret": "pinned-secret"}]
+        }));
+        let with = |kid: &str, secret: &[u8]| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some(kid.into());
+            encode(&h, &json!({"sub": "a"}), &EncodingKey::from_secret(secret)).unwrap()
+        };
+        assert!(v.verify_cached(&with("pinned", b"pinned-secret")).is_ok());
+        assert!(v.verify_cached(&with("pinned", b"s3cret")).is_err());
+        // An unknown kid: the keys without one; no kid: every key of the algorithm.
+        assert!(v.verify_cached(&with("other", b"s3cret")).is_ok());
+        assert!(v.verify_cached(&with("other", b"pinned-secret")).is_err());
+        assert!(
+            v.verify_cached(&token("pinned-secret", json!({"sub": "a"})))
+                .is_ok()
+        );
     }
 
     #[test]

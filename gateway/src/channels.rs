@@ -59,6 +59,9 @@ pub struct Channels {
     /// of recoveries or hostile history requests waits here instead of piling up
     /// broker replies in memory.
     history_permits: Arc<tokio::sync::Semaphore>,
+    /// KiB of history pages held until written (`history_bytes_per_node`).
+    history_bytes: Arc<tokio::sync::Semaphore>,
+    history_kib: u32,
     /// History reads in flight, by (channel, since, limit): a storm of recoveries from the
     /// same position shares one broker read per node.
     reads_in_flight: Arc<Mutex<HashMap<ReadKey, InFlight>>>,
@@ -68,6 +71,30 @@ pub struct Channels {
 type ReadKey = (String, u64, usize);
 type SharedPage = Shared<BoxFuture<'static, Result<HistoryPage, CommandError>>>;
 
+fn history_kib(reads: &ReadLimits) -> u32 {
+    u32::try_from(reads.history_bytes_per_node / 1024)
+        .unwrap_or(u32::MAX)
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u32)
+}
+
+/// About what a page costs while held: decoded and encoded, each publication's payload
+/// and strings plus fixed overhead, in KiB.
+fn page_kib(page: &HistoryPage) -> u32 {
+    let bytes: usize = page
+        .publications
+        .iter()
+        .map(|p| {
+            let info = p
+                .info
+                .as_ref()
+                .map_or(0, |i| i.user.len() + i.client.len() + i.name.len());
+            2 * (p.data.len() + p.content_type.len() + p.channel.len() + p.epoch.len() + info)
+                + 96 * (1 + p.blobs.len())
+        })
+        .sum();
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
 /// A broker history read others may join: only callers that arrived no later than it
 /// started, so it cannot miss a publication their live delivery did not get.
 struct InFlight {
@@ -76,10 +103,18 @@ struct InFlight {
     page: SharedPage,
 }
 
-/// One of the node's `history_reads_per_node` permits, held by a history page until it
-/// has been written to its client: the pages the node holds at once are bounded, not
-/// only the reads.
-pub type ReadPermit = tokio::sync::OwnedSemaphorePermit;
+/// What a history page holds until it has been written to its client: one of the node's
+/// `history_reads_per_node` permits and its size in the `history_bytes_per_node` budget,
+/// so the pages the node holds at once are bounded in number and bytes.
+pub struct ReadPermit {
+    _count: tokio::sync::OwnedSemaphorePermit,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// How long a history read waits for a permit, then for room in the byte budget, before
+/// it is refused with 107 (temporary): a session never stalls for long behind clients that
+/// do not read their pages (its pings and commands wait meanwhile).
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How many publications a history read returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +141,8 @@ impl Channels {
             hub,
             blobs,
             history_permits: Arc::new(tokio::sync::Semaphore::new(reads.history_reads_per_node)),
+            history_bytes: Arc::new(tokio::sync::Semaphore::new(history_kib(&reads) as usize)),
+            history_kib: history_kib(&reads),
             reads_in_flight: Arc::default(),
             next_read: AtomicU64::new(0),
             reads,
@@ -256,14 +293,15 @@ impl Channels {
             Limit::Page(0) => cap as usize,
             Limit::Page(n) => n.min(cap) as usize,
         };
-        let permit = match self.history_permits.clone().try_acquire_owned() {
+        let busy =
+            || CommandError::new(ErrorCode::TooManyRequests, "history reads are busy; retry");
+        let count = match self.history_permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 metrics::history_read_waited();
-                self.history_permits
-                    .clone()
-                    .acquire_owned()
+                tokio::time::timeout(READ_WAIT, self.history_permits.clone().acquire_owned())
                     .await
+                    .map_err(|_| busy())?
                     .map_err(|_| CommandError::new(ErrorCode::Internal, "shutting down"))?
             }
         };
@@ -274,7 +312,31 @@ impl Channels {
             .shared_read(channel, options, since, limit, called)
             .await?;
         self.sign(&mut page.publications);
-        Ok((page, permit))
+        // A page larger than the whole budget takes all of it.
+        let kib = page_kib(&page).min(self.history_kib);
+        let bytes = if kib == 0 {
+            None
+        } else {
+            let acquired = match self.history_bytes.clone().try_acquire_many_owned(kib) {
+                Ok(p) => p,
+                Err(_) => {
+                    metrics::history_read_waited();
+                    let wait = self.history_bytes.clone().acquire_many_owned(kib);
+                    tokio::time::timeout(READ_WAIT, wait)
+                        .await
+                        .map_err(|_| busy())?
+                        .map_err(|_| CommandError::new(ErrorCode::Internal, "shutting down"))?
+                }
+            };
+            Some(acquired)
+        };
+        Ok((
+            page,
+            ReadPermit {
+                _count: count,
+                _bytes: bytes,
+            },
+        ))
     }
 
     /// Joins a read of the same page that started at or after `not_before`, or starts one.

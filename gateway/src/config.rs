@@ -242,6 +242,7 @@ struct LimitsFile {
     max_history_limit: u32,
     max_presence_clients: usize,
     history_reads_per_node: usize,
+    history_bytes_per_node: usize,
 }
 
 impl Default for LimitsFile {
@@ -270,6 +271,7 @@ impl Default for LimitsFile {
             max_history_limit: 1000,
             max_presence_clients: 1000,
             history_reads_per_node: 256,
+            history_bytes_per_node: 64 << 20,
         }
     }
 }
@@ -331,8 +333,11 @@ pub struct ReadLimits {
     pub max_history_limit: u32,
     /// Most clients one presence reply lists (`truncated` set beyond).
     pub max_presence_clients: usize,
-    /// History reads (requests and recoveries) the node runs at once; more wait.
+    /// History reads (requests and recoveries) the node runs at once; more wait (5 s,
+    /// then 107).
     pub history_reads_per_node: usize,
+    /// Bytes of history pages the node holds until written; more wait (5 s, then 107).
+    pub history_bytes_per_node: usize,
 }
 
 /// The HTTP API for backends.
@@ -678,6 +683,7 @@ impl Config {
                 max_history_limit: l.max_history_limit.max(1),
                 max_presence_clients: l.max_presence_clients.max(1),
                 history_reads_per_node: l.history_reads_per_node.max(1),
+                history_bytes_per_node: l.history_bytes_per_node.max(1024),
             },
             api: ApiConfig {
                 admin: args.admin || file.admin,

@@ -78,7 +78,7 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[Network]) -> Ip
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|h| h.trim().parse().ok())
+        .filter_map(forwarded_ip)
         .collect();
     if hops.is_empty() {
         hops = headers
@@ -219,6 +219,16 @@ mod tests {
             HeaderValue::from_static(r#"for="[2001:db8::7]:4711";proto=https, for=10.0.0.5"#),
         );
         assert_eq!(client_addr(ip("10.0.0.1"), &f, &trusted), ip("2001:db8::7"));
+        // Some proxies append `ip:port`.
+        let mut p = HeaderMap::new();
+        p.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.9:4711"),
+        );
+        assert_eq!(
+            client_addr(ip("127.0.0.1"), &p, &trusted),
+            ip("203.0.113.9")
+        );
         // Only trusted hops: the peer itself.
         let mut t = HeaderMap::new();
         t.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.3"));

@@ -281,3 +281,80 @@ async fn a_thousand_hostile_clients_stay_within_the_memory_budget() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = held.join();
 }
+
+/// A raw JSON-encoded WebSocket that asks for a history page and never reads it, with a
+/// 4 KiB receive buffer, so the node cannot finish writing the page.
+fn stalled_history_reader(addr: std::net::SocketAddr, channel: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let size: libc::c_int = 4096;
+    // SAFETY: a valid socket and a c_int option of the declared size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    s.write_all(
+        b"GET /ws?format=json HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let payload = format!(r#"{{"id":1,"history":{{"channel":"{channel}","limit":100}}}}"#);
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload.as_bytes());
+    s.write_all(&frame).unwrap();
+    s
+}
+
+/// Found by the adversarial review: clients that ask for large history pages and never
+/// read them held every history permit, so another client's history read waited over two
+/// minutes, unanswered pings included, and was then closed as idle (4004). Now a read
+/// waits at most 5 s for a permit (then 107, temporary) and the client stays served.
+#[tokio::test]
+async fn clients_that_never_read_their_pages_do_not_stall_other_readers() {
+    let server = Server::start(
+        "[limits]\nhistory_reads_per_node = 2\n[namespaces.big]\nhistory_size = 100\n",
+    );
+    let mut publisher = server.client(Encoding::Proto).await;
+    for _ in 0..100 {
+        ok(publisher
+            .call(publish("big:feed", vec![b'x'; 60_000]))
+            .await);
+    }
+    ok(publisher.call(publish("small", "one")).await);
+    let _stalled: Vec<_> = (0..2)
+        .map(|_| stalled_history_reader(server.addr, "big:feed"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut victim = server.client(Encoding::Proto).await;
+    let t = Instant::now();
+    let f = victim
+        .call(Command::History(HistoryRequest {
+            channel: "small".into(),
+            since_offset: 0,
+            limit: 10,
+        }))
+        .await;
+    let waited = t.elapsed();
+    assert!(
+        error_code(&f).is_none() || error_code(&f) == Some(107),
+        "{f:?}"
+    );
+    assert!(waited < Duration::from_secs(8), "waited {waited:?}");
+    ok(victim.call(Command::Ping(Default::default())).await);
+    println!(
+        "history read next to 2 stalled readers: {:?} after {waited:?}",
+        error_code(&f)
+    );
+}

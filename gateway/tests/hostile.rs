@@ -194,7 +194,12 @@ async fn unknown_commands_and_nulls_in_json_are_not_fatal() {
 /// the next ping, and no command is served after it.
 #[tokio::test]
 async fn a_token_expiring_while_connected_closes_at_its_exp() {
-    let server = Server::start(CONFIG);
+    // Without clock-skew leeway (a token accepted within it also lasts until exp + leeway).
+    let config = CONFIG.replace(
+        "hmac_secrets = [\"s3cret\"]",
+        "hmac_secrets = [\"s3cret\"]\nleeway_seconds = 0",
+    );
+    let server = Server::start(&config);
     let exp = get_current_timestamp() + 2;
     let t = token(json!({"sub": "alice", "exp": exp}));
     let mut c = Client::connect(

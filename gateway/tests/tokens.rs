@@ -136,6 +136,22 @@ async fn private_namespaces_open_to_subscription_tokens_and_grants() {
         .await;
     assert_eq!(error_code(&f), Some(101));
 
+    // A subscription token is not a connection token (found by the adversarial review:
+    // it made a connection without the user's grants, or a user named "").
+    for t in [
+        token(json!({"sub": "alice", "channel": "secret:x"})),
+        token(json!({"sub": "", "channel": "secret:x"})),
+    ] {
+        let mut c = Client::connect(
+            &server.ws_url(&format!("?token={t}")),
+            None,
+            Encoding::Proto,
+        )
+        .await
+        .unwrap();
+        expect_close(&mut c, 4001).await;
+    }
+
     // Grants: only what they match, private namespaces included.
     let mut limited = as_user(
         &server,
@@ -231,6 +247,13 @@ async fn the_channels_claim_subscribes_server_side() {
         panic!("{refreshed:?}")
     };
     assert!(result.subscriptions.is_empty());
+    // And again: refreshes are not limited to one.
+    ok(at_upgrade
+        .call(Command::Connect(Connect {
+            token: token(json!({"sub": "alice", "exp": get_current_timestamp() + 900})),
+            ..Default::default()
+        }))
+        .await);
 
     // A channel the node cannot use makes the token invalid.
     let mut bad = as_user(&server, json!({"sub": "a", "channels": ["nope:x"]})).await;

@@ -159,9 +159,7 @@ impl SessionCore {
         &mut self,
         connect: Connect,
     ) -> Result<Body, CommandError> {
-        if self.connected {
-            return Err(CommandError::bad_request("already connected"));
-        }
+        // Any number of times: a refresh of the same user's token (checked below).
         CommandError::check_len("name", &connect.name, bounds::CLIENT_LABEL)?;
         CommandError::check_len("version", &connect.version, bounds::CLIENT_LABEL)?;
         // An anonymous connection becomes a user only before it subscribes (what it holds
@@ -218,7 +216,9 @@ impl SessionCore {
                 .register(self.id, self.user().to_owned(), self.outbox.clone());
         }
         self.connected = true;
-        self.name = connect.name;
+        if !connect.name.is_empty() {
+            self.name = connect.name;
+        }
         let subscriptions = self.server_side_subscribe().await?;
         Ok(Body::Connect(self.connect_result(subscriptions)))
     }
