@@ -215,9 +215,15 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     for (i, node) in nodes.iter_mut().enumerate() {
         let t = Instant::now();
         node.signal("TERM");
-        // Readiness fails at once.
-        let (status, _) = node.http("GET", "/readyz", &[], "");
-        assert_eq!(status, 503, "node{i} still ready after SIGTERM");
+        // Readiness fails at once (as soon as the signal is handled).
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while node.http("GET", "/readyz", &[], "").0 != 503 {
+            assert!(
+                Instant::now() < deadline,
+                "node{i} still ready 500 ms after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(
             node.wait_exit(Duration::from_secs(15)).is_some(),
             "node{i} did not exit"
