@@ -35,6 +35,8 @@ const API_KEY = "browser-test-key";
 const CONFIG = `
 [auth]
 hmac_secrets = ["${SECRET}"]
+# Tokens then end exactly at exp (the 4003 check uses a 3 s token).
+leeway_seconds = 0
 [limits]
 ping_interval_ms = 25000
 [namespaces.default]
