@@ -246,10 +246,12 @@ async fn a_token_expiring_while_connected_closes_at_its_exp() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Whole seconds on both sides, and a loaded machine: within 2 s of `exp` (the old
+    // behaviour closed at the next ping tick, up to 25 s later).
     let now = get_current_timestamp();
     assert!(
-        now <= exp + 1,
-        "closed at {now}, exp {exp}: within a second of expiry"
+        now <= exp + 2,
+        "closed at {now}, exp {exp}: within two seconds of expiry"
     );
     assert_node_serves(&server).await;
 }
