@@ -61,15 +61,6 @@ history_size = 1000
     )
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Sends `commands` as one message and counts the replies by error code (0: success).
 async fn fire(c: &mut Client, commands: Vec<Command>) -> std::collections::BTreeMap<u32, usize> {
     let frames: Vec<ClientFrame> = commands

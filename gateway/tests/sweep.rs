@@ -170,15 +170,6 @@ fn frames_close(server: &Server, query: &str, frames: &[Vec<u8>]) -> Option<u16>
     close_code(&mut s)
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn handshake(server: &Server, tried: &mut Tried) {
     let area = "handshake";
     let cases: Vec<(&str, String, &str)> = vec![

@@ -225,9 +225,10 @@ async fn bounded<T>(
         .map_err(|_| Stalled)
 }
 
-/// Frames handed to tungstenite one at a time. Whatever a dropped write (a timeout, a
-/// slow-consumer abort) did not hand over stays here, so a message cut off between its
-/// fragments can still be finished before the close frame.
+/// The fragments of the large message being written, handed to tungstenite one at a
+/// time. What a dropped write (a timeout, a slow-consumer abort) did not hand over stays
+/// here, so a message cut off between its fragments can be finished before the close
+/// frame. Small messages go straight to tungstenite.
 #[derive(Default)]
 pub struct Carry(VecDeque<Message>);
 
@@ -247,7 +248,7 @@ where
         bytes += payload.len() as u64;
         messages += 1;
         if payload.len() <= FRAGMENT_BYTES {
-            carry.0.push_back(message(encoding, payload));
+            ws.feed(message(encoding, payload)).await?;
             continue;
         }
         // tungstenite copies each frame into its write buffer and keeps that buffer's
@@ -269,11 +270,11 @@ where
             carry.0.push_back(Message::Frame(frame));
             offset = end;
         }
-    }
-    // Cloning a message clones `Bytes` handles only; it leaves `carry` once handed over.
-    while let Some(m) = carry.0.front().cloned() {
-        ws.feed(m).await?;
-        carry.0.pop_front();
+        // Cloning a frame clones a `Bytes` handle; it leaves `carry` once handed over.
+        while let Some(m) = carry.0.front().cloned() {
+            ws.feed(m).await?;
+            carry.0.pop_front();
+        }
     }
     ws.flush().await?;
     if messages > 0 {

@@ -981,3 +981,13 @@ impl Drop for Sentinels {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A process's resident memory (VmRSS), in KiB; 0 if it cannot be read.
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
