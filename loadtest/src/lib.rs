@@ -149,6 +149,34 @@ pub async fn gateway_process(addrs: &str) -> Option<(f64, f64)> {
     Some(total)
 }
 
+/// `(cpu_seconds, rss_bytes)` of each process in `pids` (comma-separated), read from
+/// `/proc/PID/stat` (utime + stime) and `/proc/PID/status` (VmRSS): any server can be
+/// measured this way, not only one that exports Prometheus metrics.
+pub fn proc_processes(pids: &str) -> Option<Vec<(u32, f64, f64)>> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out = Vec::new();
+    for pid in pids.split(',') {
+        let pid: u32 = pid.trim().parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let (utime, stime): (f64, f64) =
+            (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss_kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        out.push((pid, (utime + stime) / ticks, rss_kib * 1024.0));
+    }
+    Some(out)
+}
+
 /// One unlabelled metric's value from a Prometheus text page.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {

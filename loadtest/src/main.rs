@@ -2,7 +2,8 @@
 //! subscribes them to C channels, publishes at a fixed total rate from M publisher
 //! connections, and reports delivered messages/s, publish→deliver latency (a wall-clock
 //! timestamp travels in each payload), lost and duplicated publications (from the gapless
-//! per-channel offsets), and the gateway's CPU seconds and RSS read from `/metrics`.
+//! per-channel offsets), and the gateway's CPU seconds and RSS read from `/metrics`, or
+//! any server's from `/proc` with `--server-pid`.
 //!
 //! With `--publishers 0` it only holds the connections (`--hold`), for memory runs.
 
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use loadtest::{Ws, connect, frames, gateway_process, now_ns, send_frames};
+use loadtest::{Ws, connect, frames, gateway_process, now_ns, proc_processes, send_frames};
 use std::{
     sync::{
         Arc, Mutex,
@@ -65,6 +66,11 @@ struct Args {
     /// Do not read the gateway's /metrics (e.g. when several loadgens share one gateway)
     #[arg(long)]
     no_metrics: bool,
+    /// Read CPU and RSS from /proc for these process ids (comma-separated, summed) instead
+    /// of /metrics: measures any server (e.g. the Bun peer), and each process is reported
+    /// on its own line (e.g. gateway nodes and Redis)
+    #[arg(long)]
+    server_pid: Option<String>,
     /// Channels each connection subscribes to besides its own (they get no publications;
     /// for presence and memory load), spread over --extra-channels channels
     #[arg(long, default_value_t = 0)]
@@ -196,11 +202,14 @@ async fn main() {
         .metrics_addr
         .clone()
         .unwrap_or_else(|| args.addr.clone());
-    let before = if args.no_metrics {
-        None
-    } else {
-        gateway_process(&metrics_addr).await
+    let sample = async || match (&args.server_pid, args.no_metrics) {
+        (Some(pids), _) => proc_processes(pids),
+        (None, true) => None,
+        (None, false) => gateway_process(&metrics_addr)
+            .await
+            .map(|(cpu, rss)| vec![(0, cpu, rss)]),
     };
+    let before = sample().await;
 
     // Open and subscribe the subscribers.
     let started = Instant::now();
@@ -265,11 +274,7 @@ async fn main() {
         args.connections,
         started.elapsed().as_secs_f64()
     );
-    let settled = if args.no_metrics {
-        None
-    } else {
-        gateway_process(&metrics_addr).await
-    };
+    let settled = sample().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = subscribers
@@ -315,11 +320,7 @@ async fn main() {
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let after = if args.no_metrics {
-        None
-    } else {
-        gateway_process(&metrics_addr).await
-    };
+    let after = sample().await;
     if args.hold > 0.0 {
         println!("holding {opened} connections for {}s", args.hold);
         tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
@@ -375,6 +376,25 @@ async fn main() {
         }
     }
     if let (Some(b), Some(s), Some(a)) = (before, settled, after) {
+        if args.server_pid.is_some() {
+            for ((pid, b_cpu, b_rss), ((_, s_cpu, s_rss), (_, a_cpu, a_rss))) in
+                b.iter().zip(s.iter().zip(a.iter()))
+            {
+                println!(
+                    "process {pid}: rss {:.1} MiB -> {:.1} MiB -> {:.1} MiB; cpu {:.2}s while subscribing, {:.2}s while publishing",
+                    b_rss / 1048576.0,
+                    s_rss / 1048576.0,
+                    a_rss / 1048576.0,
+                    s_cpu - b_cpu,
+                    a_cpu - s_cpu,
+                );
+            }
+        }
+        let total = |v: &[(u32, f64, f64)]| {
+            v.iter()
+                .fold((0.0, 0.0), |(c, r), (_, cpu, rss)| (c + cpu, r + rss))
+        };
+        let (b, s, a) = (total(&b), total(&s), total(&a));
         let cpu = a.0 - s.0;
         println!(
             "gateway: rss {:.1} MiB -> {:.1} MiB with {opened} connections ({:.0} B/conn); cpu {cpu:.2}s while publishing",
@@ -386,6 +406,10 @@ async fn main() {
             println!(
                 "deliveries per gateway cpu-second: {:.0}",
                 delivered as f64 / cpu
+            );
+            println!(
+                "server cpu per delivery: {:.2} us",
+                cpu * 1e6 / delivered as f64
             );
         }
     }
