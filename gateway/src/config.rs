@@ -262,7 +262,7 @@ impl Default for LimitsFile {
             command_burst: 400,
             rate_limit_strikes: 50,
             drain_seconds: 10,
-            ws_read_buffer_bytes: 4096,
+            ws_read_buffer_bytes: 64 * 1024,
             api_body_bytes: 4 << 20,
             api_timeout_ms: 10_000,
             api_concurrency: 1024,
@@ -297,7 +297,8 @@ pub struct TransportConfig {
     pub handshake_timeout: Duration,
     /// Largest WebSocket message (and frame) a client may send: close 1009 above it.
     pub max_message_bytes: usize,
-    /// tungstenite's eagerly allocated read buffer, also the largest read per syscall.
+    /// Largest read per syscall, into one buffer per thread (a connection keeps no read
+    /// buffer of its own).
     pub ws_read_buffer_bytes: usize,
 }
 

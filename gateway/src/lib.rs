@@ -28,6 +28,7 @@ pub mod shutdown;
 pub mod tls;
 pub mod transport;
 pub mod web;
+pub mod ws;
 
 use broker::Broker;
 use std::sync::Arc;

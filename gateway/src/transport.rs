@@ -10,6 +10,7 @@ use crate::{
     peers, session,
     tls::Tls,
     web,
+    ws::WebSocket,
 };
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
@@ -18,11 +19,18 @@ use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::{convert::Infallible, net::IpAddr, sync::Arc};
-use tokio::{net::TcpListener, sync::watch};
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{handshake::derive_accept_key, protocol::Role, protocol::WebSocketConfig},
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
 };
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::server::TlsStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// Accepts connections until `stop` turns true.
 pub async fn serve(
@@ -253,16 +261,17 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
             }
         };
         let limits = &node.config.transport;
-        let mut ws_config = WebSocketConfig::default();
-        ws_config.read_buffer_size = limits.ws_read_buffer_bytes;
-        // Sessions pack frames into one message and flush once per wake-up, so
-        // tungstenite need not buffer on its own: each message goes straight out.
-        ws_config.write_buffer_size = 0;
-        ws_config.max_message_size = Some(limits.max_message_bytes);
-        ws_config.max_frame_size = Some(limits.max_message_bytes);
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
+        // Dropped at once: the bytes hyper read past the request head share its whole
+        // read buffer.
+        let ws = {
+            let (socket, already_read) = Socket::from_upgraded(upgraded);
+            WebSocket::new(
+                socket,
+                &already_read,
+                limits.max_message_bytes,
+                limits.ws_read_buffer_bytes,
+            )
+        };
         node.metrics.connections_accepted.increment(1);
         let params = session::Params {
             encoding,
@@ -295,6 +304,85 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
 /// a blob download would wait for all of it to reach the client (seconds on a slow
 /// link). With `TCP_NOTSENT_LOWAT` the socket takes little more than this unsent, and
 /// the rest waits in the outbox, where small frames go first.
+/// The socket under an upgraded connection, unwrapped from hyper's `Upgraded` (a boxed
+/// stream behind a buffer) so the WebSocket reads and writes it directly.
+pub enum Socket {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Any other stream hyper was given (none today).
+    Other(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl Socket {
+    /// The socket and the bytes hyper read past the request head.
+    fn from_upgraded(upgraded: hyper::upgrade::Upgraded) -> (Self, Bytes) {
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => return (Self::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(u) => u,
+        };
+        match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => (Self::Tls(Box::new(parts.io.into_inner())), parts.read_buf),
+            Err(u) => (Self::Other(TokioIo::new(u)), Bytes::new()),
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Other(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, b),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+            Self::Other(s) => Pin::new(s).poll_write(cx, b),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Self::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Other(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Other(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 const UNSENT_BYTES: libc::c_int = 128 * 1024;
 
 fn limit_unsent(stream: &tokio::net::TcpStream) {

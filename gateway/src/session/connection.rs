@@ -1,5 +1,5 @@
 //! The connection task: moves bytes and time between a WebSocket and its
-//! [`SessionCore`]. It is the only part of a session that knows tungstenite.
+//! [`SessionCore`]. It is the only part of a session that knows the socket.
 //!
 //! Fair by construction: each turn waits for the client's next message, the outbox, or
 //! the next deadline. The outbox goes first (the client's socket is then not even polled,
@@ -11,32 +11,21 @@
 //! flush.
 
 use super::core::{SessionCore, Tick};
-use crate::metrics::Metrics;
+use crate::hub::outbox::Outbox;
+use crate::{
+    metrics::Metrics,
+    ws::{Error as WsError, FrameError, Incoming, WebSocket},
+};
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use std::{collections::VecDeque, time::Duration};
+use std::{task::Poll, time::Duration};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        Error as WsError, Message,
-        error::{CapacityError, ProtocolError},
-        protocol::frame::{
-            Frame,
-            coding::{Data, OpCode},
-        },
-        protocol::{CloseFrame, frame::coding::CloseCode as WsCloseCode},
-    },
-};
 
-/// Messages larger than this go out as fragments of this size (RFC 6455 §5.4).
-const FRAGMENT_BYTES: usize = 16 * 1024;
 /// Outbox turns in a row before the client is served first.
 const OUTBOX_STREAK: u32 = 4;
 /// How long a closing session tries to hand over its farewell (after the rest of a
-/// message cut off between fragments) and waits for the client's close frame: a client
-/// that catches up on reading within it still learns why.
+/// frame already begun) and waits for the client's close frame: a client that catches
+/// up on reading within it still learns why.
 const CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// Bytes per second a client must at least take in: a write may take `write_timeout`
 /// (`[limits] write_timeout_ms`) plus the time its bytes need at this rate; a client that
@@ -54,18 +43,13 @@ pub enum Exit {
 }
 
 enum Event {
-    Message(Option<Result<Message, WsError>>),
+    Message(Option<Result<Incoming, WsError>>),
     Outbox,
     Deadline,
 }
 
 /// Serves the session until it ends; the caller then closes with the exit code.
-pub async fn serve<S>(
-    core: &mut SessionCore,
-    ws: &mut WebSocketStream<S>,
-    carry: &mut Carry,
-    metrics: &Metrics,
-) -> Exit
+pub async fn serve<S>(core: &mut SessionCore, ws: &mut WebSocket<S>, metrics: &Metrics) -> Exit
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -125,8 +109,8 @@ where
                     paused_until = Some(now + wait);
                 }
                 match message {
-                    // tungstenite queued the echo of the client's close: send it.
-                    Some(Ok(Message::Close(_))) => {
+                    // The echo of the client's close is queued: send it.
+                    Some(Ok(Incoming::Close(_))) => {
                         let _ = tokio::time::timeout(CLOSE_LINGER, ws.flush()).await;
                         return Exit::Gone;
                     }
@@ -142,11 +126,8 @@ where
             match core.on_timer(tokio::time::Instant::now().into_std()) {
                 Tick::Nothing => {}
                 Tick::Close(code) => return Exit::Close(code),
-                Tick::Ping => match bounded(grace, 0, ws.feed(Message::Ping(Bytes::new()))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Exit::Gone,
-                    Err(Stalled) => return Exit::Close(CloseCode::SlowConsumer),
-                },
+                // Written with this turn's output.
+                Tick::Ping => ws.send_ping(),
             }
         }
         let close = core.take_output(&mut pending);
@@ -155,37 +136,31 @@ where
             // client is not reading. It recovers it after reconnecting.
             pending.clear();
         }
-        // A session's last write gets the grace period only, not time per byte: it must
-        // not hold a closing session (and its metrics) for as long as its bytes would.
-        let bytes = match close {
-            None => pending.iter().map(Bytes::len).sum(),
-            Some(_) => 0,
-        };
-        let written = bounded(
-            grace,
-            bytes,
-            write(ws, core.encoding(), &mut pending, carry, metrics),
-        );
-        // A close requested while the write is blocked (the queue overflowed behind it)
-        // ends the session at once, unless this write is the session's last.
-        let aborted = async {
-            match close {
-                None => outbox.closed().await,
-                Some(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            result = written => match result {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Exit::Gone,
-                Err(Stalled) => {
-                    tracing::debug!("a write made no progress in time; closing as a slow consumer");
-                    return Exit::Close(CloseCode::SlowConsumer);
+        let bytes: usize = pending.iter().map(Bytes::len).sum();
+        // The common case: the socket takes everything at once, with no timer and no
+        // allocation. Otherwise the rest is queued in `ws` and finished, bounded in time,
+        // off the task's resting size.
+        let messages = pending.len() as u64;
+        let json = core.encoding() == Encoding::Json;
+        let first =
+            std::future::poll_fn(|cx| Poll::Ready(ws.poll_send_all(cx, json, &mut pending)));
+        match first.await {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Exit::Gone,
+            Poll::Pending => {
+                let unsent = match close {
+                    None => ws.unsent_bytes(),
+                    Some(_) => 0,
+                };
+                if let Some(exit) = Box::pin(finish_write(ws, &outbox, close, grace, unsent)).await
+                {
+                    return exit;
                 }
-            },
-            () = aborted => {
-                return Exit::Close(outbox.closing().unwrap_or(CloseCode::SlowConsumer));
             }
+        }
+        if messages > 0 {
+            metrics.ws_messages_sent.increment(messages);
+            metrics.ws_bytes_sent.increment(bytes as u64);
         }
         core.written();
         if let Some(code) = close {
@@ -195,16 +170,15 @@ where
 }
 
 /// Hands one WebSocket message to the core; `Some` ends the session.
-async fn on_message(core: &mut SessionCore, message: Message) -> Option<Exit> {
+async fn on_message(core: &mut SessionCore, message: Incoming) -> Option<Exit> {
     let payload = match (message, core.encoding()) {
-        (Message::Binary(b), Encoding::Proto) => b,
-        (Message::Text(t), Encoding::Json) => Bytes::from(t),
-        (Message::Binary(_) | Message::Text(_), _) => {
+        (Incoming::Binary(b), Encoding::Proto) | (Incoming::Text(b), Encoding::Json) => b,
+        (Incoming::Binary(_) | Incoming::Text(_), _) => {
             return Some(Exit::Close(CloseCode::UnsupportedData));
         }
-        // tungstenite answers pings itself; `serve` handles the peer's close.
-        (Message::Close(_), _) => return Some(Exit::Gone),
-        (Message::Ping(_) | Message::Pong(_) | Message::Frame(_), _) => return None,
+        // `serve` handles the peer's close; pings are answered by the socket.
+        (Incoming::Close(_), _) => return Some(Exit::Gone),
+        (Incoming::Ping(_) | Incoming::Pong(_), _) => return None,
     };
     // Boxed: a command's future is large and live only briefly, and the connection
     // task's size is paid by every idle connection.
@@ -225,126 +199,73 @@ async fn bounded<T>(
         .map_err(|_| Stalled)
 }
 
-/// The fragments of the large message being written, handed to tungstenite one at a
-/// time. What a dropped write (a timeout, a slow-consumer abort) did not hand over stays
-/// here, so a message cut off between its fragments can be finished before the close
-/// frame. Small messages go straight to tungstenite.
-#[derive(Default)]
-pub struct Carry(VecDeque<Message>);
-
-/// Writes the packed payloads, then flushes once.
-async fn write<S>(
-    ws: &mut WebSocketStream<S>,
-    encoding: Encoding,
-    pending: &mut Vec<Bytes>,
-    carry: &mut Carry,
-    metrics: &Metrics,
-) -> Result<(), WsError>
+/// Finishes a write the socket did not take at once; `Some` ends the session. A
+/// session's last write gets the grace period only, not time per byte (`bytes` is 0):
+/// it must not hold a closing session (and its metrics) for as long as its bytes would.
+async fn finish_write<S>(
+    ws: &mut WebSocket<S>,
+    outbox: &Outbox,
+    close: Option<CloseCode>,
+    grace: Duration,
+    bytes: usize,
+) -> Option<Exit>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut messages, mut bytes) = (0u64, 0u64);
-    for payload in pending.drain(..) {
-        bytes += payload.len() as u64;
-        messages += 1;
-        if payload.len() <= FRAGMENT_BYTES {
-            ws.feed(message(encoding, payload)).await?;
-            continue;
+    let written = bounded(grace, bytes, ws.flush());
+    // A close requested while the write is blocked (the queue overflowed behind it)
+    // ends the session at once, unless this write is the session's last.
+    let aborted = async {
+        match close {
+            None => outbox.closed().await,
+            Some(_) => std::future::pending().await,
         }
-        // tungstenite copies each frame into its write buffer and keeps that buffer's
-        // capacity: one large message (a history page, a blob chunk) would pin its size
-        // for the connection's lifetime. Fragments keep it at FRAGMENT_BYTES.
-        let first = match encoding {
-            Encoding::Proto => OpCode::Data(Data::Binary),
-            Encoding::Json => OpCode::Data(Data::Text),
-        };
-        let mut offset = 0;
-        while offset < payload.len() {
-            let end = (offset + FRAGMENT_BYTES).min(payload.len());
-            let opcode = if offset == 0 {
-                first
-            } else {
-                OpCode::Data(Data::Continue)
-            };
-            let frame = Frame::message(payload.slice(offset..end), opcode, end == payload.len());
-            carry.0.push_back(Message::Frame(frame));
-            offset = end;
-        }
-        // Cloning a frame clones a `Bytes` handle; it leaves `carry` once handed over.
-        while let Some(m) = carry.0.front().cloned() {
-            ws.feed(m).await?;
-            carry.0.pop_front();
-        }
+    };
+    tokio::select! {
+        result = written => match result {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(Exit::Gone),
+            Err(Stalled) => {
+                tracing::debug!("a write made no progress in time; closing as a slow consumer");
+                Some(Exit::Close(CloseCode::SlowConsumer))
+            }
+        },
+        () = aborted => Some(Exit::Close(outbox.closing().unwrap_or(CloseCode::SlowConsumer))),
     }
-    ws.flush().await?;
-    if messages > 0 {
-        metrics.ws_messages_sent.increment(messages);
-        metrics.ws_bytes_sent.increment(bytes);
-    }
-    Ok(())
 }
 
 /// Sends the core's farewell (`Disconnect`) and the close frame, then waits briefly for
 /// the client's close.
-pub async fn close<S>(
-    core: &mut SessionCore,
-    ws: &mut WebSocketStream<S>,
-    carry: &mut Carry,
-    code: CloseCode,
-) where
+pub async fn close<S>(core: &mut SessionCore, ws: &mut WebSocket<S>, code: CloseCode)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let farewell = core.farewell(code);
-    let encoding = core.encoding();
+    let json = core.encoding() == Encoding::Json;
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        // A message cut off between fragments is finished first, or the client would
-        // see the farewell inside it (a protocol error); whole messages not yet handed
-        // over are dropped (the client recovers them).
-        while let Some(Message::Frame(f)) = carry.0.front() {
-            if f.header().opcode != OpCode::Data(Data::Continue) {
+        // What is queued (the rest of a frame begun, whole frames after it) goes first,
+        // so the farewell never lands inside another frame.
+        if ws.send_all(json, &mut vec![farewell]).await.is_err() {
+            return;
+        }
+        ws.send_close(code.code(), code.reason());
+        if ws.flush().await.is_err() {
+            return;
+        }
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Incoming::Close(_)) {
                 break;
             }
-            let m = Message::Frame(f.clone());
-            if ws.feed(m).await.is_err() {
-                return;
-            }
-            carry.0.pop_front();
         }
-        if ws.feed(message(encoding, farewell)).await.is_err() {
-            return;
-        }
-        let frame = CloseFrame {
-            code: WsCloseCode::from(code.code()),
-            reason: code.reason().into(),
-        };
-        if ws.close(Some(frame)).await.is_err() {
-            return;
-        }
-        while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
 }
 
-fn message(encoding: Encoding, payload: Bytes) -> Message {
-    match encoding {
-        Encoding::Proto => Message::Binary(payload),
-        // JSON frames come from serde_json, so the payload is UTF-8 by construction.
-        Encoding::Json => match payload.try_into() {
-            Ok(text) => Message::Text(text),
-            Err(_) => Message::Binary(Bytes::new()),
-        },
-    }
-}
-
 fn exit_for(error: WsError) -> Exit {
     match error {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            Exit::Close(CloseCode::MessageTooBig)
-        }
-        WsError::Capacity(_) => Exit::Close(CloseCode::MessageTooBig),
-        WsError::Utf8(_) => Exit::Close(CloseCode::InvalidPayload),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Exit::Gone,
-        WsError::Protocol(_) => Exit::Close(CloseCode::ProtocolError),
-        _ => Exit::Gone,
+        WsError::Frame(FrameError::TooBig) => Exit::Close(CloseCode::MessageTooBig),
+        WsError::Frame(FrameError::Utf8) => Exit::Close(CloseCode::InvalidPayload),
+        WsError::Frame(FrameError::Protocol(_)) => Exit::Close(CloseCode::ProtocolError),
+        WsError::Io(_) => Exit::Gone,
     }
 }

@@ -265,6 +265,8 @@ impl SessionCore {
                 return Some(code);
             }
         }
+        // Given back: an idle connection keeps no command queue.
+        self.deferred = VecDeque::new();
         None
     }
 
@@ -329,6 +331,16 @@ impl SessionCore {
         // This turn's history pages are held until their write has finished.
         self.writing_permits.append(&mut self.read_permits);
         let close = self.outbox.drain(&mut self.drained);
+        self.outbox.drain_bulk(&mut self.bulk, BULK_PER_TURN);
+        if self.replies.is_empty() && self.bulk.is_empty() && self.drained.len() == 1 {
+            // One delivery, the common case at low rates: its frame goes out as it is,
+            // shared with every other recipient, without a copy.
+            let item = self.drained.pop_front().expect("one item");
+            if self.subscriptions.admit(&item) == Admit::Deliver {
+                out.push(item.frame);
+            }
+            return close;
+        }
         for item in self.drained.drain(..) {
             if self.subscriptions.admit(&item) == Admit::Skip {
                 continue;
@@ -338,7 +350,6 @@ impl SessionCore {
             }
             self.replies.push(&item.frame);
         }
-        self.outbox.drain_bulk(&mut self.bulk, BULK_PER_TURN);
         for frame in self.bulk.drain(..) {
             if !self.replies.is_empty() && self.replies.len() + frame.len() > MAX_BATCH_BYTES {
                 out.push(self.replies.take());

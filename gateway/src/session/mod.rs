@@ -1,6 +1,6 @@
 //! One session per WebSocket. The protocol lives in [`core::SessionCore`] (state, commands,
 //! the delivery rule), which knows no socket; [`connection`] moves bytes and time between
-//! it and tungstenite. The hub reaches a session only through its outbox.
+//! it and the WebSocket ([`crate::ws`]). The hub reaches a session only through its outbox.
 //!
 //! Every server-initiated close sends a `Disconnect` frame first, then a close frame with
 //! the same code (DESIGN.md, close codes).
@@ -17,12 +17,11 @@ mod tests;
 
 pub use context::Context;
 
-use crate::{auth::AuthError, metrics::Metrics};
+use crate::{auth::AuthError, metrics::Metrics, ws::WebSocket};
 use broker_proto::{CloseCode, Encoding};
 use connection::Exit;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::WebSocketStream;
 
 /// What the transport learned at upgrade time.
 pub struct Params {
@@ -38,16 +37,15 @@ pub struct Params {
 }
 
 /// Runs a session to its end. The caller has completed the WebSocket upgrade.
-pub async fn run<S>(
-    ctx: Arc<Context>,
-    mut ws: WebSocketStream<S>,
-    params: Params,
-    metrics: &Metrics,
-) where
+pub async fn run<S>(ctx: Arc<Context>, mut ws: WebSocket<S>, params: Params, metrics: &Metrics)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let verified = match (params.reject, params.token) {
-        (None, Some(token)) if ctx.verifier.enabled() => Some(ctx.verifier.verify(&token).await),
+        // Boxed: live only at the start (a JWKS fetch), and large.
+        (None, Some(token)) if ctx.verifier.enabled() => {
+            Some(Box::pin(ctx.verifier.verify(&token)).await)
+        }
         _ => None,
     };
     let refused = match (params.reject, &verified) {
@@ -63,11 +61,10 @@ pub async fn run<S>(
         Some(code) => Some(code),
         None => Box::pin(core.start()).await,
     };
-    let mut carry = connection::Carry::default();
     tracing::debug!(client = %core.client_id(), peer = %params.peer, "session started");
     let exit = match refused {
         Some(code) => Exit::Close(code),
-        None => connection::serve(&mut core, &mut ws, &mut carry, metrics).await,
+        None => connection::serve(&mut core, &mut ws, metrics).await,
     };
     let code = match &exit {
         Exit::Close(code) => code.code(),
@@ -76,6 +73,6 @@ pub async fn run<S>(
     tracing::debug!(client = %core.client_id(), peer = %params.peer, code, "session ended");
     Box::pin(core.end()).await;
     if let Exit::Close(code) = exit {
-        Box::pin(connection::close(&mut core, &mut ws, &mut carry, code)).await;
+        Box::pin(connection::close(&mut core, &mut ws, code)).await;
     }
 }

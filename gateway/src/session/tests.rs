@@ -382,7 +382,7 @@ async fn a_flood_of_deliveries_does_not_hold_up_a_clients_commands() {
         offset: 0,
     };
     tokio::spawn(async move {
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        let ws = crate::ws::WebSocket::new(io, &[], 1 << 20, 4096);
         let params = super::Params {
             encoding: Encoding::Proto,
             token: None,
@@ -411,4 +411,40 @@ async fn a_flood_of_deliveries_does_not_hold_up_a_clients_commands() {
     };
     assert!(answered, "the ping was not answered within 1,000 messages");
     assert!(messages <= 8, "answered only after {messages} messages");
+}
+
+/// What an idle connection costs in the task that serves it (printed; the budget is
+/// checked by `loadtest/memory.sh`): the session future and the types inside it.
+#[tokio::test]
+async fn session_sizes() {
+    let node = node(&[]);
+    let (server_io, _client_io) = tokio::io::duplex(64);
+    let ws = crate::ws::WebSocket::new(server_io, &[], 1 << 20, 4096);
+    let params = super::Params {
+        encoding: Encoding::Proto,
+        token: None,
+        reject: None,
+        peer: std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    let metrics = Metrics::detached();
+    {
+        let (io, _c) = tokio::io::duplex(64);
+        let mut ws = crate::ws::WebSocket::new(io, &[], 1 << 20, 4096);
+        let mut core = session(&node);
+        let serve = super::connection::serve(&mut core, &mut ws, &metrics);
+        let verify = node.ctx.verifier.verify("x");
+        println!(
+            "serve future {} B, verify future {} B",
+            std::mem::size_of_val(&serve),
+            std::mem::size_of_val(&verify)
+        );
+    }
+    let run = super::run(node.ctx.clone(), ws, params, &metrics);
+    println!(
+        "run future {} B, SessionCore {} B, WebSocket<Socket> {} B, Socket {} B",
+        std::mem::size_of_val(&run),
+        std::mem::size_of::<SessionCore>(),
+        std::mem::size_of::<crate::ws::WebSocket<crate::transport::Socket>>(),
+        std::mem::size_of::<crate::transport::Socket>(),
+    );
 }
