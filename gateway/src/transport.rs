@@ -263,8 +263,12 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
         let limits = &node.config.transport;
         // Dropped at once: the bytes hyper read past the request head share its whole
         // read buffer.
+        let mut fd = None;
         let ws = {
             let (socket, already_read) = Socket::from_upgraded(upgraded);
+            if let Socket::Tcp(tcp) = &socket {
+                fd = Some(std::os::fd::AsRawFd::as_raw_fd(tcp));
+            }
             WebSocket::new(
                 socket,
                 &already_read,
@@ -278,6 +282,7 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
             token,
             reject,
             peer: client,
+            fd,
         };
         session::run(node.sessions.clone(), ws, params, &node.metrics).await;
     });

@@ -7,12 +7,22 @@
 //! chunks, of which each drain takes a bounded amount, so small frames always go first and
 //! chunks interleave between them. The bulk lane counts against the same budget; a
 //! download waits for room in it ([`Outbox::wait_bulk_room`]) instead of filling it.
+//!
+//! The express lane: while a session is parked with nothing to write, it *arms* its
+//! outbox with its live subscriptions' positions ([`Lane`]), and the hub, instead of
+//! queueing a publication and waking the session's task, applies the same delivery rule
+//! (`Subscriptions::admit`, same-epoch case) and writes the frame to the socket itself:
+//! one `sendmsg` from the publishing thread, no wake-up, no allocation. Anything else
+//! (another kind of frame, an unknown stream, a full socket) takes the queue, which the
+//! session drains after disarming; the positions the lane advanced go back to the
+//! session when it disarms. Plain TCP only: TLS needs the session's state.
 
 use super::Stream;
 use broker_proto::CloseCode;
 use bytes::Bytes;
 use std::{
     collections::VecDeque,
+    os::fd::RawFd,
     sync::{Arc, Mutex, MutexGuard},
 };
 use tokio::sync::Notify;
@@ -53,13 +63,131 @@ pub enum Pushed {
     Closed,
 }
 
-#[derive(Default)]
+/// A subscription the hub may deliver to directly while the session is parked.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    /// The stream of the last publication the session admitted (compared by pointer).
+    pub stream: Arc<Stream>,
+    pub generation: u32,
+    pub last_offset: u64,
+}
+
+/// What [`Outbox::disarm`] hands back to the session.
+#[derive(Debug, Default)]
+pub struct Disarmed {
+    /// The rest of a frame the socket took only part of: written before anything else.
+    pub rest: Option<Bytes>,
+    /// Messages and bytes the hub wrote directly since the session armed.
+    pub messages: u64,
+    pub bytes: u64,
+}
+
 struct State {
     items: VecDeque<OutItem>,
     bulk: VecDeque<Bytes>,
     bytes: usize,
     bulk_bytes: usize,
     close: Option<CloseCode>,
+    /// The session is parked and its socket takes writes from the hub.
+    armed: bool,
+    /// The connection's socket (plain TCP), or -1.
+    fd: RawFd,
+    text: bool,
+    lanes: Vec<Lane>,
+    sent: Disarmed,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            items: VecDeque::new(),
+            bulk: VecDeque::new(),
+            bytes: 0,
+            bulk_bytes: 0,
+            close: None,
+            armed: false,
+            fd: -1,
+            text: false,
+            lanes: Vec::new(),
+            sent: Disarmed::default(),
+        }
+    }
+}
+
+/// The outcome of a direct write.
+enum Express {
+    /// Written whole, or skipped as the delivery rule would.
+    Done,
+    /// Partly written; the rest waits in `sent.rest` and the session must write it.
+    Partial,
+    /// Not for the express lane: queue it.
+    Queue,
+}
+
+impl State {
+    fn express(&mut self, item: &OutItem) -> Express {
+        let Some(lane) = self
+            .lanes
+            .iter_mut()
+            .find(|l| Arc::ptr_eq(&l.stream, &item.stream) && l.generation == item.generation)
+        else {
+            return Express::Queue;
+        };
+        // `Subscriptions::admit`: offsets only grow within an epoch; 0 = no history.
+        if item.offset != 0 && item.offset <= lane.last_offset {
+            return Express::Done;
+        }
+        let frame = &item.frame;
+        let mut head = [0u8; 10];
+        let opcode = if self.text {
+            crate::ws::decode::OP_TEXT
+        } else {
+            crate::ws::decode::OP_BINARY
+        };
+        let head_len = crate::ws::decode::header(opcode, true, frame.len(), &mut head);
+        let iov = [
+            libc::iovec {
+                iov_base: head.as_mut_ptr().cast(),
+                iov_len: head_len,
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr().cast_mut().cast(),
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: an all-zero msghdr is valid; the iovecs outlive the call and sendmsg
+        // only reads them.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: `fd` is the session's open socket: it is set only while the session
+        // owns the socket and cleared (under this lock) before the socket is closed.
+        let n = unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n <= 0 {
+            // Full (or failed: the session's own write will see why).
+            return Express::Queue;
+        }
+        let n = n as usize;
+        if item.offset != 0 {
+            lane.last_offset = item.offset;
+        }
+        self.sent.messages += 1;
+        self.sent.bytes += frame.len() as u64;
+        let total = head_len + frame.len();
+        if n == total {
+            return Express::Done;
+        }
+        let mut rest = Vec::with_capacity(total - n);
+        if n < head_len {
+            rest.extend_from_slice(&head[n..head_len]);
+            rest.extend_from_slice(frame);
+        } else {
+            rest.extend_from_slice(&frame[n - head_len..]);
+        }
+        self.sent.rest = Some(rest.into());
+        self.armed = false;
+        Express::Partial
+    }
 }
 
 pub struct Outbox {
@@ -91,6 +219,18 @@ impl Outbox {
         let mut s = self.lock();
         if s.close.is_some() {
             return Pushed::Closed;
+        }
+        if s.armed && item.kind == ItemKind::Publication && s.items.is_empty() && s.bulk.is_empty()
+        {
+            match s.express(&item) {
+                Express::Done => return Pushed::Queued,
+                Express::Partial => {
+                    drop(s);
+                    self.notify.notify_one();
+                    return Pushed::Queued;
+                }
+                Express::Queue => s.armed = false,
+            }
         }
         let len = item.frame.len();
         if s.bytes + len > self.limit_bytes {
@@ -241,6 +381,48 @@ impl Outbox {
     /// Resolves when something was pushed or a close was requested.
     pub async fn wait(&self) {
         self.notify.notified().await
+    }
+
+    /// Gives the hub the connection's socket for direct writes (plain TCP only). The
+    /// caller must call [`forget_socket`](Self::forget_socket) before closing it.
+    pub fn set_socket(&self, fd: RawFd, text: bool) {
+        let mut s = self.lock();
+        s.fd = fd;
+        s.text = text;
+    }
+
+    /// No more direct writes: the socket is about to be closed.
+    pub fn forget_socket(&self) {
+        let mut s = self.lock();
+        s.fd = -1;
+        s.armed = false;
+        s.lanes = Vec::new();
+    }
+
+    /// The session is parked with nothing queued in its socket: publications on `lanes`
+    /// may be written directly until it disarms. Returns false (and arms nothing) when
+    /// there is queued work, a close, or no socket.
+    pub fn arm(&self, lanes: impl Iterator<Item = Lane>) -> bool {
+        let mut s = self.lock();
+        if s.fd < 0 || s.close.is_some() || !s.items.is_empty() || !s.bulk.is_empty() {
+            return false;
+        }
+        s.lanes.clear();
+        s.lanes.extend(lanes);
+        s.armed = !s.lanes.is_empty();
+        s.armed
+    }
+
+    /// The session woke: no more direct writes. `advanced` gets each lane (its last
+    /// offset is now the subscription's); the rest of a partly written frame and the
+    /// counts of what was written come back.
+    pub fn disarm(&self, mut advanced: impl FnMut(&Lane)) -> Disarmed {
+        let mut s = self.lock();
+        s.armed = false;
+        for lane in &s.lanes {
+            advanced(lane);
+        }
+        std::mem::take(&mut s.sent)
     }
 }
 

@@ -80,6 +80,9 @@ where
                 deadline = next;
                 sleep.as_mut().reset(deadline.into());
             }
+            // Parked with nothing to write: the hub writes publications itself until
+            // something wakes the session.
+            let armed = ws.idle_for_writes() && core.arm();
             let event = if outbox_streak >= OUTBOX_STREAK {
                 tokio::select! {
                     biased;
@@ -95,6 +98,16 @@ where
                     _ = &mut sleep => Event::Deadline,
                 }
             };
+            if armed {
+                let sent = core.disarm();
+                if let Some(rest) = sent.rest {
+                    ws.push_front_raw(rest);
+                }
+                if sent.messages > 0 {
+                    metrics.ws_messages_sent.increment(sent.messages);
+                    metrics.ws_bytes_sent.increment(sent.bytes);
+                }
+            }
             outbox_streak = match event {
                 Event::Outbox => outbox_streak + 1,
                 _ => 0,

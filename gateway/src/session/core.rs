@@ -17,7 +17,7 @@ use crate::{
     error::CommandError,
     hub::{
         SessionId,
-        outbox::{OutItem, Outbox},
+        outbox::{Disarmed, OutItem, Outbox},
     },
     metrics,
 };
@@ -141,6 +141,18 @@ impl SessionCore {
         self.ctx
             .hub
             .register(self.id, self.user().to_owned(), self.outbox.clone());
+    }
+
+    /// Parks the session: the hub may write publications on its live subscriptions
+    /// straight to the socket until [`disarm`](Self::disarm) (the outbox's express lane).
+    pub fn arm(&self) -> bool {
+        self.outbox.arm(self.subscriptions.lanes())
+    }
+
+    /// Takes the positions the express lane advanced back into the subscriptions.
+    pub fn disarm(&mut self) -> Disarmed {
+        let subscriptions = &mut self.subscriptions;
+        self.outbox.disarm(|lane| subscriptions.advance(lane))
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {

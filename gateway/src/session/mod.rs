@@ -34,6 +34,18 @@ pub struct Params {
     pub reject: Option<CloseCode>,
     /// The client's address (after trusted proxies), for log lines.
     pub peer: std::net::IpAddr,
+    /// The socket, when it is plain TCP: the hub may write publications to it directly
+    /// while the session is parked (the outbox's express lane).
+    pub fd: Option<std::os::fd::RawFd>,
+}
+
+/// Takes the socket back from the hub before it is closed, however the session ends.
+struct ForgetSocket(Arc<crate::hub::outbox::Outbox>);
+
+impl Drop for ForgetSocket {
+    fn drop(&mut self) {
+        self.0.forget_socket();
+    }
 }
 
 /// Runs a session to its end. The caller has completed the WebSocket upgrade.
@@ -57,6 +69,12 @@ where
     let identity = verified.and_then(Result::ok);
     let now = ctx.clock.now();
     let mut core = core::SessionCore::new(ctx, params.encoding, identity, now);
+    // Declared after `ws` (a parameter), so dropped before it closes the socket.
+    let _forget = params.fd.map(|fd| {
+        core.outbox()
+            .set_socket(fd, params.encoding == Encoding::Json);
+        ForgetSocket(core.outbox().clone())
+    });
     let refused = match refused {
         Some(code) => Some(code),
         None => Box::pin(core.start()).await,
@@ -70,6 +88,7 @@ where
         Exit::Close(code) => code.code(),
         Exit::Gone => 0,
     };
+    core.outbox().forget_socket();
     tracing::debug!(client = %core.client_id(), peer = %params.peer, code, "session ended");
     Box::pin(core.end()).await;
     if let Exit::Close(code) = exit {

@@ -18,7 +18,7 @@ use crate::{
     channel::ChannelName,
     hub::{
         Stream,
-        outbox::{ItemKind, OutItem},
+        outbox::{ItemKind, Lane, OutItem},
     },
 };
 use std::{collections::HashMap, sync::Arc};
@@ -95,6 +95,31 @@ impl Subscriptions {
 
     pub fn drain(&mut self) -> impl Iterator<Item = Subscription> + '_ {
         self.map.drain().map(|(_, s)| s)
+    }
+
+    /// The subscriptions the hub may deliver to directly (the outbox's express lane):
+    /// those whose current stream is known from a publication already admitted.
+    pub fn lanes(&self) -> impl Iterator<Item = Lane> + '_ {
+        self.map.values().filter_map(|sub| {
+            Some(Lane {
+                stream: sub.seen.clone()?,
+                generation: sub.generation,
+                last_offset: sub.last_offset,
+            })
+        })
+    }
+
+    /// Takes back a lane's position after the hub delivered on it.
+    pub fn advance(&mut self, lane: &Lane) {
+        if let Some(sub) = self.map.get_mut(&*lane.stream.channel)
+            && sub.generation == lane.generation
+            && sub
+                .seen
+                .as_ref()
+                .is_some_and(|s| Arc::ptr_eq(s, &lane.stream))
+        {
+            sub.last_offset = sub.last_offset.max(lane.last_offset);
+        }
     }
 
     /// Whether `item` goes to the client; updates the subscription's position.

@@ -388,6 +388,7 @@ async fn a_flood_of_deliveries_does_not_hold_up_a_clients_commands() {
             token: None,
             reject: None,
             peer: std::net::Ipv4Addr::LOCALHOST.into(),
+            fd: None,
         };
         super::run(ctx, ws, params, &Metrics::detached()).await;
     });
@@ -425,6 +426,7 @@ async fn session_sizes() {
         token: None,
         reject: None,
         peer: std::net::Ipv4Addr::LOCALHOST.into(),
+        fd: None,
     };
     let metrics = Metrics::detached();
     {

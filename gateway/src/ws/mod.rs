@@ -69,6 +69,16 @@ impl Chunk {
         }
     }
 
+    /// Bytes already framed elsewhere (the rest of a frame the hub began).
+    fn raw(body: Bytes) -> Self {
+        Self {
+            head: [0; 10],
+            head_len: 0,
+            head_sent: 0,
+            body,
+        }
+    }
+
     fn remaining(&self) -> usize {
         usize::from(self.head_len - self.head_sent) + self.body.len()
     }
@@ -135,6 +145,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Bytes queued for the socket and not yet written.
     pub fn unsent_bytes(&self) -> usize {
         self.out.iter().map(Chunk::remaining).sum()
+    }
+
+    /// Nothing waits to be written: someone else may write whole frames to the socket
+    /// meanwhile (the outbox's express lane).
+    pub fn idle_for_writes(&self) -> bool {
+        self.out.is_empty() && self.pong.is_none()
+    }
+
+    /// Queues bytes that must go out before anything queued: the rest of a frame
+    /// someone else began writing to the socket.
+    pub fn push_front_raw(&mut self, rest: Bytes) {
+        self.out.push_front(Chunk::raw(rest));
     }
 
     /// The next message or control frame from the client. Pings are answered with the
