@@ -264,7 +264,8 @@ fn random_frame_streams_decode_exactly_as_tungstenite_decodes_them() {
             stream.extend(random_frame(&mut rng, &mut open));
         }
         // Sometimes the stream stops in the middle of a frame.
-        if rng.random_bool(0.2) && !stream.is_empty() {
+        let truncated = rng.random_bool(0.2) && !stream.is_empty();
+        if truncated {
             let cut = rng.random_range(0..stream.len());
             stream.truncate(cut);
         }
@@ -274,8 +275,12 @@ fn random_frame_streams_decode_exactly_as_tungstenite_decodes_them() {
             ours.messages, theirs.messages,
             "seed {seed}: messages differ"
         );
+        // Ours fails some frames at their header (a control frame over 125 bytes, an
+        // unmasked frame, a continuation past the message limit) where tungstenite
+        // waits for the payload: on a stream cut inside that payload only ours fails.
+        let earlier = truncated && ours.error.is_some() && theirs.error.is_none();
         assert!(
-            same_error(&ours.error, &theirs.error),
+            earlier || same_error(&ours.error, &theirs.error),
             "seed {seed}: ours ended with {:?}, tungstenite with {:?}",
             ours.error,
             theirs.error
@@ -504,4 +509,63 @@ async fn partial_and_abandoned_writes_keep_the_stream_whole() {
     }
     assert!(matches!(client.next().await, Some(Ok(Message::Close(_)))));
     let _ = client.send(Message::Close(None)).await;
+}
+
+/// The client's close comes in the same read as a command: the reply goes out before the
+/// close answer, and nothing after it.
+#[tokio::test]
+async fn replies_to_what_came_before_a_close_go_out_before_its_answer() {
+    let (mut server, client) = pair(MAX).await;
+    let mut raw = client.into_inner();
+    let mut bytes = data(0x2, true, b"command");
+    bytes.extend(frame(0x88, &1000u16.to_be_bytes(), false, 0));
+    tokio::io::AsyncWriteExt::write_all(&mut raw, &bytes)
+        .await
+        .unwrap();
+    let first = server.next().await.unwrap().unwrap();
+    assert_eq!(first, Incoming::Binary(Bytes::from_static(b"command")));
+    let reply = Bytes::from_static(b"reply");
+    server
+        .send_all(false, &mut vec![reply.clone()])
+        .await
+        .unwrap();
+    assert!(matches!(server.next().await, Some(Ok(Incoming::Close(_)))));
+    let late = Bytes::from_static(b"too late");
+    server.send_all(false, &mut vec![late]).await.unwrap();
+    server.flush().await.unwrap();
+    drop(server);
+    let mut client = WebSocketStream::from_raw_socket(raw, Role::Client, None).await;
+    assert_eq!(
+        client.next().await.unwrap().unwrap(),
+        Message::Binary(reply)
+    );
+    assert!(matches!(
+        client.next().await,
+        Some(Ok(Message::Close(Some(_))))
+    ));
+    let after = client.next().await;
+    assert!(
+        !matches!(after, Some(Ok(Message::Binary(_)))),
+        "data after the close"
+    );
+}
+
+/// A connection holds at most about one message's worth: a continuation that would take
+/// the message past the limit fails at its header, and a header alone reserves little.
+#[test]
+fn a_connection_holds_no_more_than_the_message_limit() {
+    let max = 1 << 20;
+    let mut d = Decoder::new(max);
+    let mut first = data(0x2, false, &vec![0; max - 10]);
+    d.feed(&mut first, &mut |_| {}).unwrap();
+    let mut head = data(0x0, true, &[0; 100])[..8].to_vec();
+    assert_eq!(d.feed(&mut head, &mut |_| {}), Err(FrameError::TooBig));
+    let mut d = Decoder::new(max);
+    let mut head = data(0x2, true, &vec![0; max])[..15].to_vec();
+    d.feed(&mut head, &mut |_| {}).unwrap();
+    assert!(
+        d.held_bytes() <= 64 * 1024 + 15,
+        "{} held for a header",
+        d.held_bytes()
+    );
 }

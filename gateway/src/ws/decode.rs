@@ -72,8 +72,10 @@ pub struct Decoder {
     closed: bool,
 }
 
-/// Capacity kept for the start of an unfinished frame after a larger one was decoded.
+/// Spare capacity an unfinished frame's buffer may keep without being shrunk.
 const KEEP_BYTES: usize = 1024;
+/// How far ahead of the bytes received an unfinished frame's buffer is reserved.
+const RESERVE_BYTES: usize = 64 * 1024;
 
 impl Decoder {
     pub fn new(max_message: usize) -> Self {
@@ -101,8 +103,10 @@ impl Decoder {
             let (used, frame) = self.decode(input, out)?;
             let rest = &input[used..];
             if !rest.is_empty() {
-                // The whole unfinished frame will be needed: reserve it once.
-                self.partial.reserve_exact(frame.max(rest.len()));
+                // Room for the unfinished frame, up to RESERVE_BYTES ahead of what has
+                // arrived: a header alone does not reserve a whole large frame.
+                self.partial
+                    .reserve_exact(frame.min(RESERVE_BYTES).max(rest.len()));
                 self.partial.extend_from_slice(rest);
             }
             return Ok(());
@@ -114,10 +118,14 @@ impl Decoder {
         if buf.is_empty() {
             // Between frames a connection holds nothing.
             buf = Vec::new();
-        } else if buf.len() <= KEEP_BYTES && buf.capacity() > KEEP_BYTES {
-            buf.shrink_to(buf.len());
+        } else {
+            // Keep room for the unfinished frame only, not the size of a larger frame
+            // decoded before it.
+            let want = frame.min(buf.len() + RESERVE_BYTES).max(buf.len());
+            if buf.capacity() > (2 * want).max(KEEP_BYTES) {
+                buf.shrink_to(want);
+            }
         }
-        buf.reserve_exact(frame.saturating_sub(buf.len()));
         self.partial = buf;
         Ok(())
     }
@@ -137,8 +145,20 @@ impl Decoder {
             else {
                 break;
             };
-            if length > self.max_message as u64 {
+            // A continuation counts against what its message already holds; a control
+            // frame and an unmasked frame fail at the header, before their payload.
+            let held = match (&header.opcode, &self.fragments) {
+                (OpCode::Data(Data::Continue), Some(f)) => f.bytes.len() as u64,
+                _ => 0,
+            };
+            if length > (self.max_message as u64).saturating_sub(held) {
                 return Err(Error::TooBig);
+            }
+            if header.mask.is_none() {
+                return Err(Error::Protocol("unmasked frame from a client"));
+            }
+            if matches!(header.opcode, OpCode::Control(_)) && length > 125 {
+                return Err(Error::Protocol("control frame over 125 bytes"));
             }
             let start = pos + cursor.position() as usize;
             let end = start + length as usize;
@@ -365,6 +385,17 @@ mod tests {
         let (got, r) = decode_all(&mut d, &bytes, 16 * 1024);
         assert_eq!((got.len(), r), (1, Ok(())));
         assert_eq!(d.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_large_frame_read_in_pieces_is_not_kept_for_the_small_one_after_it() {
+        let mut bytes = frame(OP_BINARY, true, &[1u8; 200_000]);
+        let small = frame(OP_BINARY, true, &[2u8; 3000]);
+        bytes.extend_from_slice(&small[..2000]);
+        let mut d = Decoder::new(1 << 20);
+        let (got, r) = decode_all(&mut d, &bytes, 16 * 1024);
+        assert_eq!((got.len(), r), (1, Ok(())));
+        assert!(d.held_bytes() < 8 * 1024, "{} held", d.held_bytes());
     }
 
     #[test]

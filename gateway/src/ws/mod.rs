@@ -172,6 +172,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                     // An idle connection keeps no queue.
                     self.ready = VecDeque::new();
                 }
+                if let Incoming::Close(close) = &m {
+                    self.closed_by_peer(close);
+                }
                 return Poll::Ready(Some(Ok(m)));
             }
             if let Some(e) = self.failed.take() {
@@ -205,36 +208,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     }
 
     fn decode(&mut self, bytes: &mut [u8]) {
-        let (ready, pong, out, state) = (
-            &mut self.ready,
-            &mut self.pong,
-            &mut self.out,
-            &mut self.state,
-        );
+        let (ready, pong, state) = (&mut self.ready, &mut self.pong, &self.state);
         let mut closed = false;
         let result = self.decoder.feed(bytes, &mut |m| {
             match &m {
                 Incoming::Ping(p) if *state == State::Open => *pong = Some(p.clone()),
-                Incoming::Close(c) => {
-                    closed = true;
-                    match *state {
-                        State::Open => {
-                            // Echo the client's code (RFC 6455 §5.5.1), or 1002 for a
-                            // code no endpoint may send.
-                            let reply = match c {
-                                None => Bytes::new(),
-                                Some((code, reason)) if close_code_allowed(*code) => {
-                                    close_payload(*code, reason)
-                                }
-                                Some(_) => close_payload(1002, b"Protocol violation"),
-                            };
-                            out.push_back(Chunk::new(OP_CLOSE, reply));
-                            *state = State::ClosedByPeer;
-                        }
-                        State::ClosedByUs => *state = State::Done,
-                        State::ClosedByPeer | State::Done => {}
-                    }
-                }
+                Incoming::Close(_) => closed = true,
                 _ => {}
             }
             ready.push_back(m);
@@ -244,6 +223,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         }
         if let Err(e) = result {
             self.failed = Some(e);
+        }
+    }
+
+    /// The client's close is taken: answer it. Only now, so that replies to what came
+    /// before it in the same read go out first, and nothing follows the answer.
+    fn closed_by_peer(&mut self, close: &Option<(u16, Bytes)>) {
+        match self.state {
+            State::Open => {
+                // Echo the client's code (RFC 6455 §5.5.1), or 1002 for a code no
+                // endpoint may send.
+                let reply = match close {
+                    None => Bytes::new(),
+                    Some((code, reason)) if close_code_allowed(*code) => {
+                        close_payload(*code, reason)
+                    }
+                    Some(_) => close_payload(1002, b"Protocol violation"),
+                };
+                self.queue_pong();
+                self.out.push_back(Chunk::new(OP_CLOSE, reply));
+                self.state = State::ClosedByPeer;
+            }
+            State::ClosedByUs => self.state = State::Done,
+            State::ClosedByPeer | State::Done => {}
         }
     }
 
@@ -263,7 +265,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         messages: &mut Vec<Bytes>,
     ) -> Poll<io::Result<()>> {
         let opcode = if text { OP_TEXT } else { OP_BINARY };
-        if matches!(self.state, State::Open | State::ClosedByPeer) {
+        if self.state == State::Open {
             self.queue_pong();
             for m in messages.drain(..) {
                 self.send_now_or_queue(cx, opcode, m)?;
