@@ -243,10 +243,11 @@ impl Batch {
         self.frames
     }
 
-    /// Takes the packed payload, leaving the batch empty and ready for reuse.
+    /// Takes the packed payload, leaving the batch empty and holding no memory (a split
+    /// would keep the rest of the allocation alive for as long as the batch lives).
     pub fn take(&mut self) -> Bytes {
         self.frames = 0;
-        self.buf.split().freeze()
+        std::mem::take(&mut self.buf).freeze()
     }
 }
 

@@ -114,7 +114,13 @@ pub fn frames(payload: &Bytes) -> impl Iterator<Item = LiteFrame> + '_ {
 
 /// A binary WebSocket to `ws://{addr}/ws` with the proto subprotocol.
 pub async fn connect(addr: &str) -> Result<Ws, String> {
-    let mut req = format!("ws://{addr}/ws")
+    connect_as(addr, None).await
+}
+
+/// [`connect`] with a connection token (`?token=`) when given.
+pub async fn connect_as(addr: &str, token: Option<&str>) -> Result<Ws, String> {
+    let query = token.map_or(String::new(), |t| format!("?token={t}"));
+    let mut req = format!("ws://{addr}/ws{query}")
         .into_client_request()
         .map_err(|e| e.to_string())?;
     req.headers_mut().insert(

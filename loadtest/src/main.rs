@@ -12,7 +12,9 @@ use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use loadtest::{Ws, connect, frames, gateway_process, now_ns, proc_processes, send_frames};
+use loadtest::{
+    Ws, connect, connect_as, frames, gateway_process, now_ns, proc_processes, send_frames,
+};
 use std::{
     sync::{
         Arc, Mutex,
@@ -71,6 +73,9 @@ struct Args {
     /// on its own line (e.g. gateway nodes and Redis)
     #[arg(long)]
     server_pid: Option<String>,
+    /// Connection token for the subscribers (sent as `?token=`)
+    #[arg(long)]
+    token: Option<String>,
     /// Channels each connection subscribes to besides its own (they get no publications;
     /// for presence and memory load), spread over --extra-channels channels
     #[arg(long, default_value_t = 0)]
@@ -220,7 +225,7 @@ async fn main() {
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.ok()?;
             let addrs: Vec<&str> = args.addr.split(',').collect();
-            let mut ws = connect(addrs[i % addrs.len()])
+            let mut ws = connect_as(addrs[i % addrs.len()], args.token.as_deref())
                 .await
                 .map_err(|e| eprintln!("connect: {e}"))
                 .ok()?;

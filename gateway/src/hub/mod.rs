@@ -264,6 +264,8 @@ impl Hub {
             (entry.subscribers.len() > entry.json).then(|| encode_frame(Encoding::Proto, frame));
         let json = (entry.json > 0).then(|| encode_frame(Encoding::Json, frame));
         let (mut delivered, mut dropped) = (0, 0);
+        // Written by this thread through the express lane (messages, payload bytes).
+        let (mut written, mut written_bytes) = (0u64, 0u64);
         for sub in &entry.subscribers {
             let bytes = match sub.encoding {
                 Encoding::Proto => proto.as_ref(),
@@ -279,6 +281,13 @@ impl Hub {
             };
             match sub.outbox.push(item) {
                 Pushed::Queued => delivered += 1,
+                Pushed::Written(bytes) => {
+                    delivered += 1;
+                    if bytes > 0 {
+                        written += 1;
+                        written_bytes += bytes as u64;
+                    }
+                }
                 Pushed::Overflow => dropped += 1,
                 // Already closing for another reason; the client recovers on reconnect.
                 Pushed::Closed => {}
@@ -290,6 +299,10 @@ impl Hub {
         }
         if dropped > 0 {
             self.metrics.slow_consumer_drops.increment(dropped as u64);
+        }
+        if written > 0 {
+            self.metrics.ws_messages_sent.increment(written);
+            self.metrics.ws_bytes_sent.increment(written_bytes);
         }
         delivered
     }

@@ -57,6 +57,9 @@ pub struct OutItem {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
+    /// Written to the socket by the caller's thread (the express lane): a message of
+    /// this many payload bytes (0 when the delivery rule skipped it).
+    Written(usize),
     /// The queue was full: the item is dropped and the connection is being closed.
     Overflow,
     /// The connection is already closing; the item is dropped.
@@ -72,16 +75,6 @@ pub struct Lane {
     pub last_offset: u64,
 }
 
-/// What [`Outbox::disarm`] hands back to the session.
-#[derive(Debug, Default)]
-pub struct Disarmed {
-    /// The rest of a frame the socket took only part of: written before anything else.
-    pub rest: Option<Bytes>,
-    /// Messages and bytes the hub wrote directly since the session armed.
-    pub messages: u64,
-    pub bytes: u64,
-}
-
 struct State {
     items: VecDeque<OutItem>,
     bulk: VecDeque<Bytes>,
@@ -94,7 +87,9 @@ struct State {
     fd: RawFd,
     text: bool,
     lanes: Vec<Lane>,
-    sent: Disarmed,
+    /// The rest of a frame the socket took only part of: the session writes it before
+    /// anything else.
+    rest: Option<Bytes>,
 }
 
 impl Default for State {
@@ -109,17 +104,17 @@ impl Default for State {
             fd: -1,
             text: false,
             lanes: Vec::new(),
-            sent: Disarmed::default(),
+            rest: None,
         }
     }
 }
 
 /// The outcome of a direct write.
 enum Express {
-    /// Written whole, or skipped as the delivery rule would.
-    Done,
-    /// Partly written; the rest waits in `sent.rest` and the session must write it.
-    Partial,
+    /// Written whole (payload bytes), or skipped as the delivery rule would (0).
+    Done(usize),
+    /// Partly written (payload bytes); the rest waits in `rest` for the session.
+    Partial(usize),
     /// Not for the express lane: queue it.
     Queue,
 }
@@ -135,7 +130,7 @@ impl State {
         };
         // `Subscriptions::admit`: offsets only grow within an epoch; 0 = no history.
         if item.offset != 0 && item.offset <= lane.last_offset {
-            return Express::Done;
+            return Express::Done(0);
         }
         let frame = &item.frame;
         let mut head = [0u8; 10];
@@ -171,11 +166,9 @@ impl State {
         if item.offset != 0 {
             lane.last_offset = item.offset;
         }
-        self.sent.messages += 1;
-        self.sent.bytes += frame.len() as u64;
         let total = head_len + frame.len();
         if n == total {
-            return Express::Done;
+            return Express::Done(frame.len());
         }
         let mut rest = Vec::with_capacity(total - n);
         if n < head_len {
@@ -184,9 +177,9 @@ impl State {
         } else {
             rest.extend_from_slice(&frame[n - head_len..]);
         }
-        self.sent.rest = Some(rest.into());
+        self.rest = Some(rest.into());
         self.armed = false;
-        Express::Partial
+        Express::Partial(frame.len())
     }
 }
 
@@ -223,11 +216,11 @@ impl Outbox {
         if s.armed && item.kind == ItemKind::Publication && s.items.is_empty() && s.bulk.is_empty()
         {
             match s.express(&item) {
-                Express::Done => return Pushed::Queued,
-                Express::Partial => {
+                Express::Done(bytes) => return Pushed::Written(bytes),
+                Express::Partial(bytes) => {
                     drop(s);
                     self.notify.notify_one();
-                    return Pushed::Queued;
+                    return Pushed::Written(bytes);
                 }
                 Express::Queue => s.armed = false,
             }
@@ -349,7 +342,8 @@ impl Outbox {
     /// pending close. Swapping keeps the lock held for a moment only.
     pub fn drain(&self, into: &mut VecDeque<OutItem>) -> Option<CloseCode> {
         let mut s = self.lock();
-        std::mem::swap(&mut s.items, into);
+        // Taken, not swapped: an idle connection's outbox keeps no allocation.
+        *into = std::mem::take(&mut s.items);
         s.bytes = s.bulk_bytes;
         s.close
     }
@@ -414,15 +408,14 @@ impl Outbox {
     }
 
     /// The session woke: no more direct writes. `advanced` gets each lane (its last
-    /// offset is now the subscription's); the rest of a partly written frame and the
-    /// counts of what was written come back.
-    pub fn disarm(&self, mut advanced: impl FnMut(&Lane)) -> Disarmed {
+    /// offset is now the subscription's); the rest of a partly written frame comes back.
+    pub fn disarm(&self, mut advanced: impl FnMut(&Lane)) -> Option<Bytes> {
         let mut s = self.lock();
         s.armed = false;
         for lane in &s.lanes {
             advanced(lane);
         }
-        std::mem::take(&mut s.sent)
+        s.rest.take()
     }
 }
 
@@ -535,5 +528,71 @@ mod tests {
         o.close(CloseCode::Draining);
         o.close(CloseCode::SlowConsumer);
         assert_eq!(o.closing(), Some(CloseCode::Draining));
+    }
+
+    /// The express lane: armed, a publication on a lane goes straight to the socket (and
+    /// an old one is skipped as the delivery rule would); anything else, or a full
+    /// socket, takes the queue; disarm hands the positions back.
+    #[test]
+    fn an_armed_outbox_writes_publications_on_its_lanes_and_queues_the_rest() {
+        use std::{io::Read, os::fd::AsRawFd};
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let o = Outbox::new(1 << 20);
+        o.set_socket(ours.as_raw_fd(), false);
+        let stream = Arc::new(Stream::new("c".into(), "e".into()));
+        let lane = Lane {
+            stream: stream.clone(),
+            generation: 1,
+            last_offset: 4,
+        };
+        assert!(o.arm([lane].into_iter()));
+        let publication = |offset: u64, len: usize| OutItem {
+            stream: stream.clone(),
+            generation: 1,
+            kind: ItemKind::Publication,
+            offset,
+            frame: Bytes::from(vec![offset as u8; len]),
+        };
+        assert_eq!(o.push(publication(5, 3)), Pushed::Written(3));
+        assert_eq!(
+            o.push(publication(5, 3)),
+            Pushed::Written(0),
+            "already delivered"
+        );
+        let mut got = [0u8; 5];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(got, [0x82, 3, 5, 5, 5]);
+        // Another generation (an old subscription) is for the session to judge.
+        let mut other = publication(6, 3);
+        other.generation = 2;
+        assert_eq!(o.push(other), Pushed::Queued);
+        let mut advanced = Vec::new();
+        assert!(o.disarm(|l| advanced.push(l.last_offset)).is_none());
+        assert_eq!(advanced, [5]);
+        // A full socket: the rest of the frame begun comes back at disarm, later
+        // publications queue.
+        let mut items = VecDeque::new();
+        o.drain(&mut items);
+        let lane = Lane {
+            stream: stream.clone(),
+            generation: 1,
+            last_offset: 5,
+        };
+        assert!(o.arm([lane].into_iter()));
+        let mut sent = 0;
+        let rest = loop {
+            match o.push(publication(6 + sent, 50_000)) {
+                Pushed::Written(_) => sent += 1,
+                Pushed::Queued => break o.disarm(|_| {}),
+                p => panic!("{p:?}"),
+            }
+            assert!(sent < 10_000, "the socket never filled");
+        };
+        let written = sent as usize * 50_004;
+        let mut all = vec![0u8; written - rest.as_ref().map_or(0, Bytes::len)];
+        theirs.read_exact(&mut all).unwrap();
+        o.forget_socket();
+        assert!(!o.arm(std::iter::empty()), "no socket, no lane");
     }
 }

@@ -98,15 +98,8 @@ where
                     _ = &mut sleep => Event::Deadline,
                 }
             };
-            if armed {
-                let sent = core.disarm();
-                if let Some(rest) = sent.rest {
-                    ws.push_front_raw(rest);
-                }
-                if sent.messages > 0 {
-                    metrics.ws_messages_sent.increment(sent.messages);
-                    metrics.ws_bytes_sent.increment(sent.bytes);
-                }
+            if armed && let Some(rest) = core.disarm() {
+                ws.push_front_raw(rest);
             }
             outbox_streak = match event {
                 Event::Outbox => outbox_streak + 1,

@@ -17,7 +17,7 @@ use crate::{
     error::CommandError,
     hub::{
         SessionId,
-        outbox::{Disarmed, OutItem, Outbox},
+        outbox::{OutItem, Outbox},
     },
     metrics,
 };
@@ -149,8 +149,9 @@ impl SessionCore {
         self.outbox.arm(self.subscriptions.lanes())
     }
 
-    /// Takes the positions the express lane advanced back into the subscriptions.
-    pub fn disarm(&mut self) -> Disarmed {
+    /// Takes the positions the express lane advanced back into the subscriptions; returns
+    /// the rest of a frame the hub began, which must be written first.
+    pub fn disarm(&mut self) -> Option<Bytes> {
         let subscriptions = &mut self.subscriptions;
         self.outbox.disarm(|lane| subscriptions.advance(lane))
     }
@@ -347,13 +348,15 @@ impl SessionCore {
         if self.replies.is_empty() && self.bulk.is_empty() && self.drained.len() == 1 {
             // One delivery, the common case at low rates: its frame goes out as it is,
             // shared with every other recipient, without a copy.
-            let item = self.drained.pop_front().expect("one item");
+            let item = std::mem::take(&mut self.drained)
+                .pop_front()
+                .expect("one item");
             if self.subscriptions.admit(&item) == Admit::Deliver {
                 out.push(item.frame);
             }
             return close;
         }
-        for item in self.drained.drain(..) {
+        for item in std::mem::take(&mut self.drained) {
             if self.subscriptions.admit(&item) == Admit::Skip {
                 continue;
             }
