@@ -28,6 +28,8 @@ max_message_bytes = 16
 [namespaces.nohist]
 history_size = 0
 presence = false
+[namespaces.slow]
+write_delay_ms = 300
 "#;
 
 async fn connect(c: &mut Client) -> String {
@@ -598,5 +600,54 @@ async fn a_client_close_is_echoed_and_the_node_forgets_the_connection() {
             "the session should be gone"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `write_delay_ms`: publications in such a namespace wait and go out together in one
+/// WebSocket message; elsewhere each goes out at once, in its own message.
+#[tokio::test]
+async fn a_write_delay_coalesces_publications_into_one_message() {
+    let server = Server::start(CONFIG);
+    for (channel, delayed) in [("slow:x", true), ("x", false)] {
+        let mut sub = server.client(Encoding::Proto).await;
+        ok(sub.call(subscribe(channel)).await);
+        let mut publisher = server.client(Encoding::Proto).await;
+        let started = std::time::Instant::now();
+        for i in 0..5u8 {
+            ok(publisher.call(publish(channel, vec![i])).await);
+        }
+        let mut messages = Vec::new();
+        let mut publications = 0;
+        while publications < 5 {
+            let msg = tokio::time::timeout(
+                Duration::from_secs(5),
+                futures_util::StreamExt::next(&mut sub.ws),
+            )
+            .await
+            .expect("publications arrive")
+            .expect("open")
+            .expect("no error");
+            let Message::Binary(payload) = msg else {
+                continue;
+            };
+            let limits = broker_proto::Limits::default();
+            let frames: Vec<ServerFrame> =
+                broker_proto::decode_frames(Encoding::Proto, payload, &limits).unwrap();
+            let n = frames
+                .iter()
+                .filter(|f| matches!(f.body, Some(Body::Publication(_))))
+                .count();
+            publications += n;
+            messages.push((n, started.elapsed()));
+        }
+        if delayed {
+            assert_eq!(messages.len(), 1, "{channel}: {messages:?}");
+            assert!(
+                messages[0].1 >= Duration::from_millis(250),
+                "{channel}: {messages:?}"
+            );
+        } else {
+            assert_eq!(messages.len(), 5, "{channel}: {messages:?}");
+        }
     }
 }

@@ -427,6 +427,7 @@ impl SessionCore {
             join_leave: options.join_leave,
             granted,
             seen: None,
+            write_delay_ms: options.write_delay_ms,
         });
         self.read_permits.extend(permit);
         Ok(result)

@@ -62,6 +62,8 @@ where
     tokio::pin!(sleep);
     // Set while the client is over `bytes_per_second`: the socket is not read until then.
     let mut paused_until: Option<std::time::Instant> = None;
+    // Set while publications wait for a namespace's `write_delay_ms`, to go out together.
+    let mut hold_until: Option<std::time::Instant> = None;
     loop {
         // Commands left from the last message run first; the socket is not read until
         // they are done.
@@ -76,6 +78,7 @@ where
             }
             let reading = paused_until.is_none();
             let next = paused_until.map_or(core.next_deadline(), |t| t.min(core.next_deadline()));
+            let next = hold_until.map_or(next, |h| h.min(next));
             if next != deadline {
                 deadline = next;
                 sleep.as_mut().reset(deadline.into());
@@ -100,6 +103,14 @@ where
             };
             if armed && let Some(rest) = core.disarm() {
                 ws.push_front_raw(rest);
+            }
+            if matches!(event, Event::Outbox) && hold_until.is_none() {
+                let delay = core.write_delay();
+                if !delay.is_zero() {
+                    // Later pushes join the queue without waking the session.
+                    hold_until = Some(std::time::Instant::now() + delay);
+                    continue;
+                }
             }
             outbox_streak = match event {
                 Event::Outbox => outbox_streak + 1,
@@ -169,6 +180,7 @@ where
             metrics.ws_bytes_sent.increment(bytes as u64);
         }
         core.written();
+        hold_until = None;
         if let Some(code) = close {
             return Exit::Close(code);
         }

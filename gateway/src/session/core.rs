@@ -143,6 +143,12 @@ impl SessionCore {
             .register(self.id, self.user().to_owned(), self.outbox.clone());
     }
 
+    /// How long publications wait to be written together (the longest `write_delay_ms`
+    /// of the subscribed namespaces).
+    pub fn write_delay(&self) -> std::time::Duration {
+        self.subscriptions.write_delay()
+    }
+
     /// Parks the session: the hub may write publications on its live subscriptions
     /// straight to the socket until [`disarm`](Self::disarm) (the outbox's express lane).
     pub fn arm(&self) -> bool {

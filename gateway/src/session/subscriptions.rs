@@ -41,6 +41,9 @@ pub struct Subscription {
     /// The stream of the last publication admitted: a queued item sharing it has the
     /// same epoch, without comparing strings per delivery.
     pub seen: Option<Arc<Stream>>,
+    /// The namespace's `write_delay_ms`: publications here wait to be written together
+    /// (and never take the express lane).
+    pub write_delay_ms: u64,
 }
 
 /// What to do with a queued frame.
@@ -101,12 +104,26 @@ impl Subscriptions {
     /// those whose current stream is known from a publication already admitted.
     pub fn lanes(&self) -> impl Iterator<Item = Lane> + '_ {
         self.map.values().filter_map(|sub| {
+            if sub.write_delay_ms > 0 {
+                return None;
+            }
             Some(Lane {
                 stream: sub.seen.clone()?,
                 generation: sub.generation,
                 last_offset: sub.last_offset,
             })
         })
+    }
+
+    /// The longest write delay of the subscribed namespaces (0: write at once).
+    pub fn write_delay(&self) -> std::time::Duration {
+        let ms = self
+            .map
+            .values()
+            .map(|s| s.write_delay_ms)
+            .max()
+            .unwrap_or(0);
+        std::time::Duration::from_millis(ms)
     }
 
     /// Takes back a lane's position after the hub delivered on it.
@@ -179,6 +196,7 @@ mod tests {
             presence: false,
             join_leave: false,
             seen: None,
+            write_delay_ms: 0,
         }
     }
 
