@@ -34,7 +34,7 @@ LAYERS = [
     ["broker"],
     ["hub"],
     ["auth", "config", "metrics", "http", "backoff", "clock", "blobs"],
-    ["channel", "peers"],
+    ["channel", "peers", "ws"],
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 

@@ -443,10 +443,9 @@ async fn session_sizes() {
     }
     let run = super::run(node.ctx.clone(), ws, params, &metrics);
     println!(
-        "run future {} B, SessionCore {} B, WebSocket<Socket> {} B, Socket {} B",
+        "run future {} B, SessionCore {} B, WebSocket<TcpStream> {} B",
         std::mem::size_of_val(&run),
         std::mem::size_of::<SessionCore>(),
-        std::mem::size_of::<crate::ws::WebSocket<crate::transport::Socket>>(),
-        std::mem::size_of::<crate::transport::Socket>(),
+        std::mem::size_of::<crate::ws::WebSocket<tokio::net::TcpStream>>(),
     );
 }
