@@ -138,3 +138,27 @@ for name, t in tokens.items():
 # Odd mode bytes: the claims are signed by the target itself.
 write("token", "raw_claims", b"\x01" + json.dumps({"sub": "a", "aud": "gw", "channels": ["x"]}).encode())
 write("token", "raw_grants", b"\x01" + json.dumps({"sub": "a", "aud": "gw", "grants": ["*"], "iat": 99}).encode())
+
+
+# ws_decode: a read-size byte, then client frames (masked).
+def ws_frame(first, payload, masked=True):
+    n = len(payload)
+    if n < 126:
+        head = bytes([first, (0x80 if masked else 0) | n])
+    elif n < 65536:
+        head = bytes([first, (0x80 if masked else 0) | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([first, (0x80 if masked else 0) | 127]) + n.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    mask = b"\x37\xfa\x21\x3d"
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+write("ws_decode", "binary", b"\x07" + ws_frame(0x82, b"hello"))
+write("ws_decode", "fragments_and_ping", b"\x03" + ws_frame(0x01, "fr".encode()) + ws_frame(0x89, b"p")
+      + ws_frame(0x00, "agmenté".encode()) + ws_frame(0x80, b""))
+write("ws_decode", "close", b"\x05" + ws_frame(0x88, (1000).to_bytes(2, "big") + b"bye"))
+write("ws_decode", "medium", b"\x20" + ws_frame(0x82, bytes(range(256)) * 2))
+write("ws_decode", "unmasked", b"\x01" + ws_frame(0x82, b"x", masked=False))
+write("ws_decode", "utf8_split", b"\x01" + ws_frame(0x01, "é".encode()[:1]) + ws_frame(0x80, "é".encode()[1:]))

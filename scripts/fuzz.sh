@@ -4,7 +4,7 @@
 #
 #   scripts/fuzz.sh [seconds-per-target] [jobs] [target...]
 #
-# Defaults: 60 s per target, 2 targets at a time, all five targets. Each target starts
+# Defaults: 60 s per target, 2 targets at a time, all six targets. Each target starts
 # from its committed seeds (fuzz/seeds/<target>, made by fuzz/make_seeds.py) plus the
 # working corpus it grew before (fuzz/corpus/<target>, not committed). A crash leaves
 # its input in fuzz/artifacts/<target>/ and makes the script exit non-zero. The last
@@ -15,7 +15,7 @@ seconds=${1:-60}
 jobs=${2:-2}
 shift $(( $# > 2 ? 2 : $# )) || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frames_proto frames_json api_request blob_upload token)
+[ ${#targets[@]} -gt 0 ] || targets=(frames_proto frames_json api_request blob_upload token ws_decode)
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cargo fuzz build -s none 2>&1 | tail -1

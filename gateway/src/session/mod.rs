@@ -53,32 +53,15 @@ pub async fn run<S>(ctx: Arc<Context>, mut ws: WebSocket<S>, params: Params, met
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let verified = match (params.reject, params.token) {
-        // Boxed: live only at the start (a JWKS fetch), and large.
-        (None, Some(token)) if ctx.verifier.enabled() => {
-            Some(Box::pin(ctx.verifier.verify(&token)).await)
-        }
-        _ => None,
-    };
-    let refused = match (params.reject, &verified) {
-        (Some(code), _) => Some(code),
-        (None, Some(Err(AuthError::Invalid(_)))) => Some(CloseCode::TokenInvalid),
-        (None, Some(Err(AuthError::Expired))) => Some(CloseCode::TokenExpired),
-        _ => None,
-    };
-    let identity = verified.and_then(Result::ok);
-    let now = ctx.clock.now();
-    let mut core = core::SessionCore::new(ctx, params.encoding, identity, now);
+    // Boxed: the token check (a JWKS fetch, maybe) and the start are live only at the
+    // beginning, and every idle connection would pay for their state otherwise.
+    let (mut core, refused) = Box::pin(open(ctx, &params)).await;
     // Declared after `ws` (a parameter), so dropped before it closes the socket.
     let _forget = params.fd.map(|fd| {
         core.outbox()
             .set_socket(fd, params.encoding == Encoding::Json);
         ForgetSocket(core.outbox().clone())
     });
-    let refused = match refused {
-        Some(code) => Some(code),
-        None => Box::pin(core.start()).await,
-    };
     tracing::debug!(client = %core.client_id(), peer = %params.peer, "session started");
     let exit = match refused {
         Some(code) => Exit::Close(code),
@@ -94,4 +77,26 @@ where
     if let Exit::Close(code) = exit {
         Box::pin(connection::close(&mut core, &mut ws, code)).await;
     }
+}
+
+/// Verifies the upgrade's token and starts the session; `Some` refuses it with that code.
+async fn open(ctx: Arc<Context>, params: &Params) -> (core::SessionCore, Option<CloseCode>) {
+    let verified = match (params.reject, &params.token) {
+        (None, Some(token)) if ctx.verifier.enabled() => Some(ctx.verifier.verify(token).await),
+        _ => None,
+    };
+    let refused = match (params.reject, &verified) {
+        (Some(code), _) => Some(code),
+        (None, Some(Err(AuthError::Invalid(_)))) => Some(CloseCode::TokenInvalid),
+        (None, Some(Err(AuthError::Expired))) => Some(CloseCode::TokenExpired),
+        _ => None,
+    };
+    let identity = verified.and_then(Result::ok);
+    let now = ctx.clock.now();
+    let mut core = core::SessionCore::new(ctx, params.encoding, identity, now);
+    let refused = match refused {
+        Some(code) => Some(code),
+        None => core.start().await,
+    };
+    (core, refused)
 }
