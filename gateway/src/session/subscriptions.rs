@@ -161,7 +161,17 @@ impl Subscriptions {
                 Admit::Deliver
             }
             // Channels without history: no offsets, nothing to compare.
-            ItemKind::Publication if item.offset == 0 => Admit::Deliver,
+            ItemKind::Publication if item.offset == 0 => {
+                // Remembered so the express lane can take this channel's next ones.
+                if !sub
+                    .seen
+                    .as_ref()
+                    .is_some_and(|s| Arc::ptr_eq(s, &item.stream))
+                {
+                    sub.seen = Some(item.stream.clone());
+                }
+                Admit::Deliver
+            }
             ItemKind::Publication => {
                 let same_epoch = match &sub.seen {
                     Some(seen) if Arc::ptr_eq(seen, &item.stream) => true,
@@ -249,6 +259,19 @@ mod tests {
         assert_eq!(subs.admit(&item(2, Publication, "", 0)), Deliver);
         assert!(subs.remove("c").is_some());
         assert_eq!(subs.admit(&item(2, Publication, "", 0)), Skip);
+    }
+
+    #[test]
+    fn a_channel_without_history_gets_a_lane_after_its_first_publication() {
+        let mut subs = Subscriptions::default();
+        subs.insert(subscription(1, "", 0));
+        assert_eq!(subs.lanes().count(), 0, "no stream known yet");
+        let first = item(1, Publication, "", 0);
+        assert_eq!(subs.admit(&first), Deliver);
+        let lanes: Vec<Lane> = subs.lanes().collect();
+        assert_eq!(lanes.len(), 1);
+        assert!(Arc::ptr_eq(&lanes[0].stream, &first.stream));
+        assert_eq!((lanes[0].generation, lanes[0].last_offset), (1, 0));
     }
 
     #[test]
