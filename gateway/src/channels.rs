@@ -6,7 +6,7 @@
 
 use crate::{
     blobs::{BlobId, KindSet, check_stored_type},
-    broker::{Broker, HistoryPage, Position, PublishRequest, blobs::Access},
+    broker::{Broker, BrokerError, HistoryPage, Position, PublishRequest, blobs::Access},
     channel::ChannelName,
     config::{BlobsConfig, NamespaceOptions, Namespaces, ReadLimits},
     error::{CommandError, bounds},
@@ -46,6 +46,14 @@ impl Publisher {
             Self::Backend => "api",
         }
     }
+}
+
+/// A publish as [`Channels::start_publish`] left it.
+pub enum Started {
+    /// Ordered and under way: await it for the answer.
+    Pending(BoxFuture<'static, Result<Position, CommandError>>),
+    /// Not started: publish it with [`Channels::publish`].
+    InPlace(PublishRequest),
 }
 
 pub struct Channels {
@@ -240,14 +248,52 @@ impl Channels {
         mut request: PublishRequest,
         publisher: Publisher,
     ) -> Result<Position, CommandError> {
+        Self::check_publish(options, &request)?;
+        self.check_blobs(&mut request.blobs, channel, options, publisher)
+            .await?;
+        let started = Instant::now();
+        let result = self.broker.publish(channel, options, request).await;
+        self.published(started, result, publisher)
+    }
+
+    /// Starts a publish that takes its place in the channel's order before this returns
+    /// (see `Broker::start_publish`): a session may go on with its next publish before
+    /// this one is answered. Publications with blobs, and brokers that cannot keep the
+    /// order that way, come back as `InPlace`: `publish` them.
+    pub fn start_publish(
+        self: &Arc<Self>,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        request: PublishRequest,
+        publisher: Publisher,
+    ) -> Result<Started, CommandError> {
+        Self::check_publish(options, &request)?;
+        if !request.blobs.is_empty() {
+            return Ok(Started::InPlace(request));
+        }
+        let started = Instant::now();
+        match self.broker.start_publish(channel, options, request) {
+            Err(request) => Ok(Started::InPlace(request)),
+            Ok(pending) => {
+                let me = self.clone();
+                Ok(Started::Pending(Box::pin(async move {
+                    me.published(started, pending.await, publisher)
+                })))
+            }
+        }
+    }
+
+    /// The checks every publication passes before the broker sees it (blobs aside).
+    fn check_publish(
+        options: &NamespaceOptions,
+        request: &PublishRequest,
+    ) -> Result<(), CommandError> {
         CommandError::check_len("contentType", &request.content_type, bounds::CONTENT_TYPE)?;
         CommandError::check_len(
             "idempotencyKey",
             &request.idempotency_key,
             bounds::IDEMPOTENCY_KEY,
         )?;
-        self.check_blobs(&mut request.blobs, channel, options, publisher)
-            .await?;
         if request.data.len() > options.max_message_bytes {
             return Err(CommandError::new(
                 ErrorCode::MessageTooLarge,
@@ -258,8 +304,15 @@ impl Channels {
                 ),
             ));
         }
-        let started = Instant::now();
-        let result = self.broker.publish(channel, options, request).await;
+        Ok(())
+    }
+
+    fn published(
+        &self,
+        started: Instant,
+        result: Result<Position, BrokerError>,
+        publisher: Publisher,
+    ) -> Result<Position, CommandError> {
         self.metrics
             .broker_publish_seconds
             .record(started.elapsed().as_secs_f64());

@@ -6,6 +6,8 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets for every `_seconds` histogram: 50 µs to 10 s.
+/// Publications per Redis script call (at most 256).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const SECONDS_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 10.0,
@@ -29,6 +31,9 @@ impl Metrics {
     pub fn install() -> (Self, PrometheusHandle) {
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), BATCH_BUCKETS)
+            })
             .and_then(|b| b.install_recorder())
             .unwrap_or_else(|e| panic!("installing the metrics recorder: {e}"));
         (Self::registered(), handle)
@@ -91,6 +96,11 @@ pub fn recovery(recovered: bool) {
 
 pub fn publication(source: &'static str) {
     counter!("gateway_publications_total", "source" => source).increment(1);
+}
+
+/// Publications in one Redis publish script call.
+pub fn publish_batch(n: usize) {
+    histogram!("gateway_broker_publish_batch_size").record(n as f64);
 }
 
 pub fn broker_error(op: &'static str) {

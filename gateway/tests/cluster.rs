@@ -180,6 +180,107 @@ async fn order_is_kept_under_concurrent_publishers_on_different_nodes() {
     );
 }
 
+/// A client sending publishes back to back has several in flight at once (the session
+/// pipelines them into the node's batched script calls), yet each channel keeps the
+/// client's order, a history read sent right after them sees all of them, and the node
+/// made fewer script calls than publications.
+#[tokio::test]
+async fn pipelined_publishes_keep_order_and_read_your_writes() {
+    let redis = Redis::start(false);
+    let nodes = cluster(
+        &redis,
+        2,
+        "[limits]\ncommands_per_second = 100000\ncommand_burst = 100000\n",
+    );
+    let mut sub = nodes[1].client(Encoding::Proto).await;
+    ok(sub.call(subscribe("pipe-a")).await);
+    ok(sub.call(subscribe("pipe-b")).await);
+    let mut p = nodes[0].client(Encoding::Proto).await;
+    const PER: u32 = 90;
+    // Rounds of 20 publishes (fewer than a session has in flight) each followed by a
+    // history read of pipe-a, all sent without waiting.
+    const ROUND: u32 = 20;
+    let mut frames = Vec::new();
+    let mut histories = std::collections::HashMap::new();
+    let mut next_id = 1;
+    for i in 0..2 * PER {
+        frames.push(ClientFrame {
+            id: next_id,
+            command: Some(publish(
+                if i % 2 == 0 { "pipe-a" } else { "pipe-b" },
+                format!("{i:04}"),
+            )),
+        });
+        next_id += 1;
+        if (i + 1) % ROUND == 0 {
+            histories.insert(next_id, (i + 1) / 2);
+            frames.push(ClientFrame {
+                id: next_id,
+                command: Some(Command::History(broker_proto::v1::HistoryRequest {
+                    channel: "pipe-a".into(),
+                    since_offset: 0,
+                    limit: 0,
+                })),
+            });
+            next_id += 1;
+        }
+    }
+    for message in frames.chunks(16) {
+        p.send_frames(message).await;
+    }
+    let mut offsets_by_channel: [Vec<(u32, u64)>; 2] = Default::default();
+    let mut seen = 0;
+    while seen < frames.len() {
+        let f = p.next().await;
+        assert!(f.error.is_none(), "{f:?}");
+        seen += 1;
+        match f.body {
+            Some(Body::Publish(r)) => {
+                let i = match &frames[f.id as usize - 1].command {
+                    Some(Command::Publish(p)) => usize::from(p.channel == "pipe-b"),
+                    other => panic!("{other:?}"),
+                };
+                offsets_by_channel[i].push((f.id, r.offset));
+            }
+            Some(Body::History(h)) => assert_eq!(
+                h.publications.len() as u32,
+                histories[&f.id],
+                "history {} ran after every publish before it",
+                f.id
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    for (i, mut replies) in offsets_by_channel.into_iter().enumerate() {
+        replies.sort();
+        let offsets: Vec<u64> = replies.into_iter().map(|(_, o)| o).collect();
+        assert_eq!(offsets, (1..=PER as u64).collect::<Vec<_>>(), "channel {i}");
+    }
+    let got = collect(&mut sub, 2 * PER as usize).await;
+    for channel in ["pipe-a", "pipe-b"] {
+        let data: Vec<String> = got
+            .iter()
+            .filter(|p| p.channel == channel)
+            .map(|p| String::from_utf8(p.data.to_vec()).unwrap())
+            .collect();
+        assert_eq!(data.len(), PER as usize);
+        assert!(data.windows(2).all(|w| w[0] < w[1]), "{channel} in order");
+        let offsets: Vec<u64> = got
+            .iter()
+            .filter(|p| p.channel == channel)
+            .map(|p| p.offset)
+            .collect();
+        assert_eq!(offsets, (1..=PER as u64).collect::<Vec<_>>());
+    }
+    let calls = nodes[0].metric("gateway_broker_publish_batch_size_count");
+    let published = nodes[0].metric("gateway_broker_publish_batch_size_sum");
+    assert_eq!(published, f64::from(2 * PER));
+    assert!(
+        calls < published,
+        "{calls} script calls for {published} publications: nothing was batched"
+    );
+}
+
 #[tokio::test]
 async fn killed_node_client_reconnects_through_haproxy_and_recovers_exactly() {
     let redis = Redis::start(false);

@@ -33,6 +33,10 @@ use std::time::Duration;
 pub const UPKEEP_PERIOD: Duration = Duration::from_secs(3);
 
 pub use history::{HistoryPage, Position};
+
+/// A publish under way (see [`Broker::start_publish`]).
+pub type PendingPublish =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Position, BrokerError>> + Send>>;
 pub use presence::PresenceChange;
 
 /// What a client or the HTTP API asks to publish.
@@ -94,6 +98,20 @@ pub trait Broker: Send + Sync + 'static {
         options: &NamespaceOptions,
         request: PublishRequest,
     ) -> Result<Position, BrokerError>;
+
+    /// Starts a publish whose place in the channel's order is taken before this returns,
+    /// so the caller may start its next publish before this one is answered; the future
+    /// gives the answer. `Err` hands the request back where the broker cannot promise
+    /// that order (then `publish` it and wait).
+    fn start_publish(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        request: PublishRequest,
+    ) -> Result<PendingPublish, PublishRequest> {
+        let _ = (channel, options);
+        Err(request)
+    }
 
     /// Publications with offset > `since`, oldest first, at most `limit` (0: all retained).
     async fn history(

@@ -9,7 +9,7 @@ use crate::{
     broker::PresenceChange,
     broker::PublishRequest,
     channel::ChannelName,
-    channels::{Limit, Publisher, ReadPermit},
+    channels::{Limit, Publisher, ReadPermit, Started},
     config::NamespaceOptions,
     error::{CommandError, bounds},
     hub::Subscriber,
@@ -55,7 +55,7 @@ impl SessionCore {
             }
             Command::Publish(p) => {
                 metrics::command("publish");
-                self.publish(p).await.map(Some)
+                self.publish(id, p).await
             }
             Command::Presence(p) => {
                 metrics::command("presence");
@@ -505,8 +505,11 @@ impl SessionCore {
         Ok(Body::Unsubscribe(UnsubscribeResult {}))
     }
 
-    async fn publish(&mut self, request: Publish) -> Result<Body, CommandError> {
+    /// Publishes; where the broker takes the publication's place in order at once, the
+    /// answer comes off this task (see `pipeline.rs`) and the next command runs meanwhile.
+    async fn publish(&mut self, id: u32, request: Publish) -> Result<Option<Body>, CommandError> {
         let (channel, options) = self.authorize_publish(&request.channel)?;
+        let bytes = request.data.len();
         let publish = PublishRequest {
             data: request.data,
             content_type: request.content_type,
@@ -514,15 +517,35 @@ impl SessionCore {
             info: Some(self.info()),
             blobs: request.blobs,
         };
-        let position = self
-            .ctx
-            .channels
-            .publish(&channel, &options, publish, Publisher::Client)
-            .await?;
-        Ok(Body::Publish(PublishResult {
-            offset: position.offset,
-            epoch: position.epoch,
-        }))
+        let channels = &self.ctx.channels;
+        let pending =
+            match channels.start_publish(&channel, &options, publish, Publisher::Client)? {
+                Started::Pending(pending) => pending,
+                Started::InPlace(publish) => {
+                    let position = channels
+                        .publish(&channel, &options, publish, Publisher::Client)
+                        .await?;
+                    return Ok(Some(published(position)));
+                }
+            };
+        let pipeline = self.pipeline.get_or_insert_with(Default::default);
+        let Some(slot) = pipeline.take(bytes) else {
+            // Over the bound: this one is answered in place (it is in order already).
+            return Ok(Some(published(pending.await?)));
+        };
+        let (outbox, encoding) = (self.outbox.clone(), self.encoding);
+        tokio::spawn(async move {
+            let answer = match pending.await {
+                Ok(position) => super::media::frame(id, published(position)),
+                Err(e) => super::media::error_frame(id, e),
+            };
+            if id > 0 {
+                outbox.push_reply(broker_proto::encode_frame(encoding, &answer));
+            }
+            // The reply is queued before the next command may run.
+            drop(slot);
+        });
+        Ok(None)
     }
 
     async fn presence(&mut self, request: PresenceRequest) -> Result<Body, CommandError> {
@@ -550,4 +573,11 @@ impl SessionCore {
             publications: page.publications,
         }))
     }
+}
+
+fn published(position: crate::broker::Position) -> Body {
+    Body::Publish(PublishResult {
+        offset: position.offset,
+        epoch: position.epoch,
+    })
 }

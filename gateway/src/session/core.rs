@@ -67,6 +67,8 @@ pub struct SessionCore {
     /// Downloads and RPC calls in flight on this connection (their tasks hold a count).
     pub(super) downloads: Arc<AtomicUsize>,
     pub(super) rpcs: Arc<AtomicUsize>,
+    /// Publishes answered off this task (made at the first one).
+    pub(super) pipeline: Option<Arc<super::pipeline::Pipeline>>,
     bulk: Vec<Bytes>,
     /// History permits of pages replied to in this turn, then while they are written.
     pub(super) read_permits: Vec<crate::channels::ReadPermit>,
@@ -116,6 +118,7 @@ impl SessionCore {
             ),
             downloads: Arc::default(),
             rpcs: Arc::default(),
+            pipeline: None,
             bulk: Vec::new(),
             read_permits: Vec::new(),
             writing_permits: Vec::new(),
@@ -316,6 +319,14 @@ impl SessionCore {
                 CloseCode::TokenExpired,
             );
             return self.reply(id, Err(expired));
+        }
+        let publish = matches!(
+            frame.command,
+            Some(broker_proto::v1::client_frame::Command::Publish(_))
+        );
+        if let (false, Some(pipeline)) = (publish, &self.pipeline) {
+            // Everything but the next publish sees the earlier ones done.
+            pipeline.settled().await;
         }
         let result = self.dispatch(id, frame.command).await;
         self.reply(id, result)

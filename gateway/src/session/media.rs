@@ -54,7 +54,7 @@ impl Drop for Slot {
     }
 }
 
-fn frame(id: u32, body: Body) -> ServerFrame {
+pub(super) fn frame(id: u32, body: Body) -> ServerFrame {
     ServerFrame {
         id,
         error: None,
@@ -62,7 +62,7 @@ fn frame(id: u32, body: Body) -> ServerFrame {
     }
 }
 
-fn error_frame(id: u32, e: CommandError) -> ServerFrame {
+pub(super) fn error_frame(id: u32, e: CommandError) -> ServerFrame {
     ServerFrame {
         id,
         error: Some(wire_error(e).0),

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod context;
 pub mod core;
 mod media;
+mod pipeline;
 mod rate;
 pub mod subscriptions;
 #[cfg(test)]

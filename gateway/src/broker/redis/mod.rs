@@ -12,6 +12,7 @@
 //! - Presence ([`presence`]), the node registry ([`registry`]) and control messages
 //!   ([`control`]) each have their own file; replies are parsed in [`reply`].
 
+mod batch;
 mod blobs;
 mod cluster;
 mod commands;
@@ -28,8 +29,8 @@ mod scripts;
 mod sharding;
 
 use super::{
-    Broker, BrokerError, HistoryPage, NodeInfo, Position, PresenceChange, PublishRequest,
-    history::new_epoch, tracker::StreamPage,
+    Broker, BrokerError, HistoryPage, NodeInfo, PendingPublish, Position, PresenceChange,
+    PublishRequest, history::new_epoch, tracker::StreamPage,
 };
 use crate::{
     channel::ChannelName,
@@ -70,6 +71,8 @@ struct Server {
     name: String,
     commands: Arc<Commands>,
     pubsub: Vec<PubSub>,
+    /// Where publications queue for their script call; none on Redis Cluster.
+    batcher: Option<batch::Batcher>,
     /// The server's layout token (see `layout.rs`), once settled; unused on Cluster.
     layout_token: Mutex<Option<String>>,
 }
@@ -85,7 +88,7 @@ impl Server {
 }
 
 struct Scripts {
-    publish: redis::Script,
+    publish: Arc<redis::Script>,
     history: redis::Script,
     rotate: redis::Script,
     presence: redis::Script,
@@ -188,6 +191,7 @@ impl RedisBroker {
         };
         let clients = Clients::new(&config)?;
         let cluster = matches!(clients, Clients::Cluster(..));
+        let publish_script = Arc::new(redis::Script::new(&scripts::publish()));
         let broker = Arc::new_cyclic(|me: &Weak<Self>| {
             let streams: Arc<dyn Streams> = Arc::new(StreamAccess(me.clone()));
             let servers: Vec<Server> = match clients {
@@ -212,6 +216,7 @@ impl RedisBroker {
                         name: String::new(),
                         commands,
                         pubsub: vec![sub],
+                        batcher: None,
                         layout_token: Mutex::default(),
                     }]
                 }
@@ -243,6 +248,10 @@ impl RedisBroker {
                             .collect();
                         Server {
                             name,
+                            batcher: Some(batch::Batcher::spawn(
+                                commands.clone(),
+                                publish_script.clone(),
+                            )),
                             commands,
                             pubsub,
                             layout_token: Mutex::default(),
@@ -266,7 +275,7 @@ impl RedisBroker {
                 layout_seen_mismatch: Mutex::default(),
                 cluster,
                 scripts: Scripts {
-                    publish: redis::Script::new(&scripts::publish()),
+                    publish: publish_script.clone(),
                     history: redis::Script::new(&scripts::history()),
                     rotate: redis::Script::new(scripts::ROTATE),
                     presence: redis::Script::new(scripts::PRESENCE),
@@ -430,6 +439,56 @@ impl RedisBroker {
         reply::position(&response, "rotate").map(|_| ())
     }
 
+    /// The script's part for one publication: the stored payload carries neither offset
+    /// nor epoch (the script sets them).
+    fn publish_item(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        request: PublishRequest,
+    ) -> batch::Item {
+        let c = channel.as_str();
+        let has_key = !request.idempotency_key.is_empty();
+        let key = if has_key {
+            request.idempotency_key.as_str()
+        } else {
+            "-"
+        };
+        let idempotency = self.keys.idempotency(c, key);
+        let publication = Publication {
+            channel: c.to_owned(),
+            data: request.data,
+            content_type: request.content_type,
+            info: request.info,
+            time_unix_ms: self.clock.unix_ms(),
+            blobs: request.blobs,
+            ..Default::default()
+        };
+        let payload = ServerFrame {
+            id: 0,
+            error: None,
+            body: Some(Body::Publication(publication)),
+        }
+        .encode_to_vec();
+        let history_ttl = options.history_ttl_seconds.max(1);
+        batch::Item {
+            stream: self.keys.stream(c),
+            meta: self.keys.meta(c),
+            idempotency,
+            payload,
+            history: if options.has_history() {
+                options.history_size
+            } else {
+                0
+            },
+            history_ttl,
+            pubsub: self.keys.pubsub(c),
+            idempotency_ttl: history_ttl.max(MIN_IDEMPOTENCY_TTL_SECONDS),
+            has_key,
+            meta_ttl: META_TTL_SECONDS.max(history_ttl),
+        }
+    }
+
     /// Pushes Join/Leave to every node subscribed to the channel.
     async fn announce(&self, channel: &ChannelName, body: Body) -> Result<(), BrokerError> {
         let frame = ServerFrame {
@@ -510,68 +569,37 @@ impl Broker for RedisBroker {
         options: &NamespaceOptions,
         request: PublishRequest,
     ) -> Result<Position, BrokerError> {
-        let c = channel.as_str();
-        let has_key = !request.idempotency_key.is_empty();
-        let idem_key = self.keys.idempotency(
-            c,
-            if has_key {
-                &request.idempotency_key
-            } else {
-                "-"
-            },
-        );
-        let publication = Publication {
-            channel: c.to_owned(),
-            data: request.data,
-            content_type: request.content_type,
-            info: request.info,
-            time_unix_ms: self.clock.unix_ms(),
-            blobs: request.blobs,
-            ..Default::default()
-        };
-        // Offset and epoch are set by the script; the payload travels without them.
-        let payload = ServerFrame {
-            id: 0,
-            error: None,
-            body: Some(Body::Publication(publication)),
+        if !self.cluster {
+            let Ok(pending) = self.start_publish(channel, options, request) else {
+                unreachable!("one server publishes through its batcher");
+            };
+            return pending.await;
         }
-        .encode_to_vec();
-        let history = if options.has_history() {
-            options.history_size
-        } else {
-            0
+        let item = self.publish_item(channel, options, request);
+        let commands = &self.servers[0].commands;
+        let mut positions =
+            batch::publish(commands, &self.scripts.publish, &[&item], "spublish", "").await?;
+        positions.pop().ok_or_else(|| reply::bad_reply("publish"))
+    }
+
+    fn start_publish(
+        &self,
+        channel: &ChannelName,
+        options: &NamespaceOptions,
+        request: PublishRequest,
+    ) -> Result<PendingPublish, PublishRequest> {
+        let server = self.server(channel.as_str());
+        let Some(batcher) = &server.batcher else {
+            return Err(request);
         };
-        let ttl = options.history_ttl_seconds.max(1);
-        let (stream, meta, pubsub) = (self.keys.stream(c), self.keys.meta(c), self.keys.pubsub(c));
-        let script = &self.scripts.publish;
-        let command = self.publish_command().to_ascii_lowercase();
-        let server = self.server(c);
-        let layout = self.layout_arg(server)?;
-        let response: Vec<Value> = server
-            .commands
-            .run_as(|mut conn, instance| async move {
-                script
-                    .key(stream)
-                    .key(meta)
-                    .key(idem_key)
-                    .arg(payload)
-                    .arg(history)
-                    .arg(ttl)
-                    .arg(new_epoch())
-                    .arg(pubsub)
-                    .arg(ttl.max(MIN_IDEMPOTENCY_TTL_SECONDS))
-                    .arg(flag(has_key))
-                    .arg(META_TTL_SECONDS.max(ttl))
-                    .arg(command)
-                    .arg(flag(instance.durable))
-                    .arg(&instance.run_id)
-                    .arg(flag(instance.promoted))
-                    .arg(layout)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        reply::position(&response, "publish")
+        let layout = match self.layout_arg(server) {
+            Ok(layout) => layout,
+            Err(e) => return Ok(Box::pin(std::future::ready(Err(e)))),
+        };
+        let answer = batcher.queue(self.publish_item(channel, options, request), layout);
+        Ok(Box::pin(async move {
+            answer.await.unwrap_or_else(|_| Err(batch::gone()))
+        }))
     }
 
     async fn history(

@@ -67,35 +67,60 @@ local function stream_epoch(stream, meta, candidate, node_durable, node_run_id, 
 end
 "#;
 
-/// KEYS: stream, meta, idempotency key. ARGV: payload, history size, history TTL (s),
-/// candidate epoch, pub/sub channel, idempotency TTL (s), has key ("1"/"0"), meta TTL (s),
-/// publish command (`publish`, or `spublish` on Redis Cluster), then the instance:
-/// durable ("1"/"0"), run_id (or ""), promoted ("1"/"0"), layout token (or "").
-/// Returns {offset, epoch, duplicate}. The pub/sub message is "<offset> <epoch> <payload>".
+/// Publishes a batch: several publications, in order, in one call (one round trip, one
+/// script run, however many sessions published meanwhile). On Redis Cluster a batch holds
+/// one publication (its keys share one slot).
+///
+/// KEYS: per publication, stream, meta, idempotency key. ARGV: publish command (`publish`,
+/// or `spublish` on Redis Cluster), then the instance: durable ("1"/"0"), run_id (or ""),
+/// promoted ("1"/"0"), layout token (or ""); a candidate epoch; then per publication seven:
+/// payload, history size, history TTL (s), pub/sub channel, idempotency TTL (s), has key
+/// ("1"/"0"), meta TTL (s). Returns {offset, epoch, duplicate} per publication, flat. Each
+/// pub/sub message is "<offset> <epoch> <payload>". A channel's epoch is settled and its
+/// keys' TTLs renewed once per batch.
 pub fn publish() -> String {
     format!(
         "{STREAM_EPOCH}{}",
         r#"
-if ARGV[7] == '1' then
-  local prev = redis.call('get', KEYS[3])
+local command, durable, run_id, promoted, layout, candidate =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local epochs, touched, out = {}, {}, {}
+for i = 0, #KEYS / 3 - 1 do
+  local stream, meta, idem = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local a = 6 + i * 7
+  local payload, history, has_key = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 6] == '1'
+  local prev = has_key and redis.call('get', idem)
   if prev then
     local sep = string.find(prev, ' ', 1, true)
-    return {tonumber(string.sub(prev, 1, sep - 1)), string.sub(prev, sep + 1), 1}
+    out[#out + 1] = tonumber(string.sub(prev, 1, sep - 1))
+    out[#out + 1] = string.sub(prev, sep + 1)
+    out[#out + 1] = 1
+  else
+    local offset, epoch = 0, ''
+    if history > 0 then
+      epoch = epochs[meta]
+      if not epoch then
+        epoch = stream_epoch(stream, meta, candidate, durable, run_id, promoted, layout)
+        epochs[meta] = epoch
+      end
+      offset = redis.call('hincrby', meta, 'o', 1)
+      redis.call('xadd', stream, 'MAXLEN', history, offset .. '-0', 'd', payload)
+      if not touched[meta] then
+        touched[meta] = true
+        redis.call('expire', stream, ARGV[a + 3])
+        redis.call('expire', meta, ARGV[a + 7])
+      end
+    end
+    redis.call(command, ARGV[a + 4], offset .. ' ' .. epoch .. ' ' .. payload)
+    if has_key then
+      redis.call('set', idem, offset .. ' ' .. epoch, 'EX', ARGV[a + 5])
+    end
+    out[#out + 1] = offset
+    out[#out + 1] = epoch
+    out[#out + 1] = 0
   end
 end
-local offset, epoch = 0, ''
-if tonumber(ARGV[2]) > 0 then
-  epoch = stream_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[10], ARGV[11], ARGV[12], ARGV[13])
-  offset = redis.call('hincrby', KEYS[2], 'o', 1)
-  redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
-  redis.call('expire', KEYS[1], ARGV[3])
-  redis.call('expire', KEYS[2], ARGV[8])
-end
-redis.call(ARGV[9], ARGV[5], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
-if ARGV[7] == '1' then
-  redis.call('set', KEYS[3], offset .. ' ' .. epoch, 'EX', ARGV[6])
-end
-return {offset, epoch, 0}
+return out
 "#
     )
 }

@@ -1,0 +1,186 @@
+//! Publishes to one Redis server go out in batches: one task per server takes every
+//! publication waiting and runs the publish script once for all of them, in the order
+//! they were queued, then starts the next batch with whatever queued meanwhile. One batch
+//! is in flight at a time, so a channel's publications run in queue order even when
+//! Redis asks for the script to be loaded again; at low load a batch holds one
+//! publication and costs what a lone script call did (one round trip), under load the
+//! batches grow with the round trip instead of the queue.
+//!
+//! A publication takes its place in the queue when it is [`queue`]d, before its answer
+//! comes, which is what lets a session publish again without waiting (per-channel order
+//! still holds: the queue is the order). On Redis Cluster nothing is batched: keys of one
+//! script call must share a slot, and the cluster connection does not keep two calls'
+//! order, so each publication runs alone and its caller waits for it.
+
+use super::{commands::Commands, commands::Instance, flag, reply};
+use crate::broker::{BrokerError, Position, history::new_epoch};
+use redis::Value;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Publications per script call at most.
+const MAX_PUBLICATIONS: usize = 256;
+/// Payload bytes per script call: once over, the batch ends (a batch holds at least one).
+const MAX_BYTES: usize = 1 << 20;
+
+/// One publication's part of a script call (see `scripts::publish`).
+pub struct Item {
+    pub stream: String,
+    pub meta: String,
+    pub idempotency: String,
+    pub payload: Vec<u8>,
+    /// History size; 0 keeps no history (offset 0, no epoch).
+    pub history: usize,
+    pub history_ttl: u64,
+    pub pubsub: String,
+    pub idempotency_ttl: u64,
+    pub has_key: bool,
+    pub meta_ttl: u64,
+}
+
+struct Job {
+    item: Item,
+    /// The server's layout token when the publication was made (see `layout.rs`).
+    layout: String,
+    answer: oneshot::Sender<Result<Position, BrokerError>>,
+}
+
+/// Queues publications for one server's batching task.
+#[derive(Clone)]
+pub struct Batcher(mpsc::UnboundedSender<Job>);
+
+/// The answer to a queued publication.
+pub type Answer = oneshot::Receiver<Result<Position, BrokerError>>;
+
+impl Batcher {
+    /// Starts the server's batching task; it ends when the last `Batcher` is dropped.
+    pub fn spawn(commands: Arc<Commands>, script: Arc<redis::Script>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(rx, commands, script));
+        Self(tx)
+    }
+
+    /// Takes the publication's place in the server's order now; the answer comes later.
+    /// (The queue's length is bounded by its callers: each session has a few
+    /// publications in flight at most, the HTTP API one request's.)
+    pub fn queue(&self, item: Item, layout: String) -> Answer {
+        let (answer, rx) = oneshot::channel();
+        // A closed queue drops the job, and so its answer: the caller sees the error.
+        let _ = self.0.send(Job {
+            item,
+            layout,
+            answer,
+        });
+        rx
+    }
+}
+
+/// What a dropped answer means to the publisher.
+pub fn gone() -> BrokerError {
+    BrokerError::Internal("redis publisher stopped".into())
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    commands: Arc<Commands>,
+    script: Arc<redis::Script>,
+) {
+    let mut next = None;
+    let mut batch: Vec<Job> = Vec::new();
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut bytes = first.item.payload.len();
+        batch.push(first);
+        while batch.len() < MAX_PUBLICATIONS && bytes < MAX_BYTES {
+            let Ok(job) = rx.try_recv() else { break };
+            if job.layout != batch[0].layout {
+                next = Some(job);
+                break;
+            }
+            bytes += job.item.payload.len();
+            batch.push(job);
+        }
+        crate::metrics::publish_batch(batch.len());
+        let items: Vec<&Item> = batch.iter().map(|j| &j.item).collect();
+        let result = publish(&commands, &script, &items, "publish", &batch[0].layout).await;
+        drop(items);
+        match result {
+            Ok(positions) => {
+                for (job, position) in batch.drain(..).zip(positions) {
+                    let _ = job.answer.send(Ok(position));
+                }
+            }
+            Err(e) => {
+                for job in batch.drain(..) {
+                    let _ = job.answer.send(Err(e.clone()));
+                }
+            }
+        }
+        // Given back after a burst: an idle server keeps no large batch.
+        if batch.capacity() > 16 {
+            batch = Vec::new();
+        }
+    }
+}
+
+/// Runs the publish script for `items` (all on one server, or one item on Cluster) and
+/// reads each one's position.
+pub async fn publish(
+    commands: &Commands,
+    script: &redis::Script,
+    items: &[&Item],
+    command: &str,
+    layout: &str,
+) -> Result<Vec<Position>, BrokerError> {
+    let response: Vec<Value> = commands
+        .run_as(|mut conn, instance| async move {
+            invocation(script, items, command, &instance, layout)
+                .invoke_async(&mut conn)
+                .await
+        })
+        .await?;
+    if response.len() != items.len() * 3 {
+        return Err(reply::bad_reply("publish"));
+    }
+    response
+        .chunks(3)
+        .map(|answer| reply::position(answer, "publish"))
+        .collect()
+}
+
+fn invocation<'a>(
+    script: &'a redis::Script,
+    items: &[&Item],
+    command: &str,
+    instance: &Instance,
+    layout: &str,
+) -> redis::ScriptInvocation<'a> {
+    let mut call = script.prepare_invoke();
+    for item in items {
+        call.key(&item.stream)
+            .key(&item.meta)
+            .key(&item.idempotency);
+    }
+    call.arg(command)
+        .arg(flag(instance.durable))
+        .arg(&instance.run_id)
+        .arg(flag(instance.promoted))
+        .arg(layout)
+        .arg(new_epoch());
+    for item in items {
+        call.arg(&item.payload)
+            .arg(item.history)
+            .arg(item.history_ttl)
+            .arg(&item.pubsub)
+            .arg(item.idempotency_ttl)
+            .arg(flag(item.has_key))
+            .arg(item.meta_ttl);
+    }
+    call
+}
