@@ -213,7 +213,7 @@ async fn pipelined_publishes_keep_order_and_read_your_writes() {
         });
         next_id += 1;
         if (i + 1) % ROUND == 0 {
-            histories.insert(next_id, (i + 1) / 2);
+            histories.insert(next_id, i.div_ceil(2));
             frames.push(ClientFrame {
                 id: next_id,
                 command: Some(Command::History(broker_proto::v1::HistoryRequest {

@@ -103,6 +103,7 @@ pub trait Broker: Send + Sync + 'static {
     /// so the caller may start its next publish before this one is answered; the future
     /// gives the answer. `Err` hands the request back where the broker cannot promise
     /// that order (then `publish` it and wait).
+    #[allow(clippy::result_large_err)] // the request is handed back, as it came
     fn start_publish(
         &self,
         channel: &ChannelName,
