@@ -6,7 +6,7 @@
 use crate::{
     broker::PublishRequest,
     channel::ChannelName,
-    channels::{Limit, Publisher},
+    channels::{Limit, Publisher, Started},
     config::NamespaceOptions,
     error::CommandError,
     http::{self as h, Body},
@@ -382,17 +382,28 @@ async fn publish_one(
     options: &NamespaceOptions,
     publish: Publish,
 ) -> Result<crate::broker::Position, CommandError> {
-    let request = PublishRequest {
+    node.channels
+        .publish(
+            channel,
+            options,
+            publish_request(publish),
+            Publisher::Backend,
+        )
+        .await
+}
+
+fn publish_request(publish: Publish) -> PublishRequest {
+    PublishRequest {
         data: publish.data,
         content_type: publish.content_type,
         idempotency_key: publish.idempotency_key,
         info: None,
         blobs: publish.blobs,
-    };
-    node.channels
-        .publish(channel, options, request, Publisher::Backend)
-        .await
+    }
 }
+
+/// Publishes of one broadcast under way at once.
+const BROADCAST_WINDOW: usize = 64;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -440,16 +451,43 @@ async fn broadcast(
     template: Publish,
 ) -> Result<Response<Body>, CommandError> {
     let mut results = Vec::with_capacity(channels.len());
-    for name in &channels {
-        let publish = Publish {
-            channel: name.clone(),
-            ..template.clone()
-        };
-        let result = match node.channels.resolve(name) {
-            Ok((channel, options)) => publish_one(node, &channel, &options, publish).await,
-            Err(e) => Err(e),
-        };
-        results.push((name.clone(), result));
+    // Up to BROADCAST_WINDOW publishes under way at once (one batched script call where
+    // the broker batches), so a broadcast costs a few round trips, not one per channel,
+    // and holds a bounded number of payload copies.
+    for window in channels.chunks(BROADCAST_WINDOW) {
+        let mut pending = Vec::with_capacity(window.len());
+        for name in window {
+            let publish = Publish {
+                channel: name.clone(),
+                ..template.clone()
+            };
+            let started = node.channels.resolve(name).and_then(|(channel, options)| {
+                let request = publish_request(publish);
+                let started =
+                    node.channels
+                        .start_publish(&channel, &options, request, Publisher::Backend)?;
+                Ok((channel, options, started))
+            });
+            let result: futures_util::future::BoxFuture<'_, _> = match started {
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+                Ok((_, _, Started::Pending(p))) => p,
+                Ok((channel, options, Started::InPlace(request))) => {
+                    // Blobs: checked and published in place, in channel order.
+                    let r = node
+                        .channels
+                        .publish(&channel, &options, request, Publisher::Backend)
+                        .await;
+                    Box::pin(std::future::ready(r))
+                }
+            };
+            pending.push(result);
+        }
+        for (name, result) in window
+            .iter()
+            .zip(futures_util::future::join_all(pending).await)
+        {
+            results.push((name.clone(), result));
+        }
     }
     let responses = results
         .iter()

@@ -281,6 +281,39 @@ async fn pipelined_publishes_keep_order_and_read_your_writes() {
     );
 }
 
+/// A broadcast through Redis publishes its channels in a few batched script calls, each
+/// channel on its own: the bad name fails alone, the others reach another node's
+/// subscribers.
+#[tokio::test]
+async fn a_broadcast_is_published_in_batches() {
+    let redis = Redis::start(false);
+    let nodes = cluster(&redis, 2, "");
+    let mut sub = nodes[1].client(Encoding::Proto).await;
+    ok(sub.call(subscribe("wide-7")).await);
+    ok(sub.call(subscribe("wide-150")).await);
+    let mut names: Vec<String> = (0..200).map(|i| format!("wide-{i}")).collect();
+    names.insert(100, "bad channel".into());
+    let body = serde_json::json!({ "channels": names, "data": b64("all") }).to_string();
+    let (status, reply) = nodes[0].api("POST", "/api/v1/broadcast", &body);
+    assert_eq!(status, 200, "{reply}");
+    let responses = reply["responses"].as_array().unwrap();
+    assert_eq!(responses.len(), 201);
+    for (name, r) in names.iter().zip(responses) {
+        assert_eq!(r["channel"], name.as_str());
+        if name == "bad channel" {
+            assert_eq!(r["error"]["code"], 102, "{r}");
+        } else {
+            assert_eq!(r["offset"], "1", "{r}");
+        }
+    }
+    let got = collect(&mut sub, 2).await;
+    let mut channels: Vec<&str> = got.iter().map(|p| p.channel.as_str()).collect();
+    channels.sort();
+    assert_eq!(channels, ["wide-150", "wide-7"]);
+    let calls = nodes[0].metric("gateway_broker_publish_batch_size_count");
+    assert!(calls <= 20.0, "{calls} script calls for 200 publications");
+}
+
 #[tokio::test]
 async fn killed_node_client_reconnects_through_haproxy_and_recovers_exactly() {
     let redis = Redis::start(false);
