@@ -18,37 +18,46 @@ impl Keys {
         &self.prefix
     }
 
-    fn tagged(&self, channel: &str, suffix: &str) -> String {
-        format!("{}{{{channel}}}{suffix}", self.prefix)
+    /// `<prefix>{<channel>}<suffix…>`, built without the formatting machinery (every
+    /// publish makes four of these).
+    fn tagged(&self, channel: &str, suffix: &[&str]) -> String {
+        let len = suffix.iter().map(|s| s.len()).sum::<usize>();
+        let mut key = String::with_capacity(self.prefix.len() + channel.len() + 2 + len);
+        key.push_str(&self.prefix);
+        key.push('{');
+        key.push_str(channel);
+        key.push('}');
+        suffix.iter().for_each(|s| key.push_str(s));
+        key
     }
 
     /// The stream of publications (entry id = offset).
     pub fn stream(&self, c: &str) -> String {
-        self.tagged(c, ":s")
+        self.tagged(c, &[":s"])
     }
 
     /// The meta hash: offset `o`, epoch `e`, and the identity of the Redis instance that
     /// last vouched for the epoch.
     pub fn meta(&self, c: &str) -> String {
-        self.tagged(c, ":m")
+        self.tagged(c, &[":m"])
     }
 
     pub fn idempotency(&self, c: &str, key: &str) -> String {
-        self.tagged(c, &format!(":i:{key}"))
+        self.tagged(c, &[":i:", key])
     }
 
     /// Presence: a sorted set of client ids scored by expiry, and a hash client → user.
     pub fn presence(&self, c: &str) -> String {
-        self.tagged(c, ":p")
+        self.tagged(c, &[":p"])
     }
 
     pub fn presence_users(&self, c: &str) -> String {
-        self.tagged(c, ":pu")
+        self.tagged(c, &[":pu"])
     }
 
     /// The pub/sub channel carrying a gateway channel's publications.
     pub fn pubsub(&self, c: &str) -> String {
-        self.tagged(c, "")
+        self.tagged(c, &[""])
     }
 
     /// Control messages every node hears (disconnect a user).
