@@ -272,9 +272,39 @@ async fn pipelined_publishes_keep_order_and_read_your_writes() {
             .collect();
         assert_eq!(offsets, (1..=PER as u64).collect::<Vec<_>>());
     }
+    // The same idempotency key twice in one pipeline: stored once, both answered with
+    // its position.
+    let keyed = |id: u32, key: &str| ClientFrame {
+        id,
+        command: Some(Command::Publish(broker_proto::v1::Publish {
+            channel: "pipe-a".into(),
+            data: format!("keyed-{id}").into_bytes().into(),
+            idempotency_key: key.into(),
+            ..Default::default()
+        })),
+    };
+    p.send_frames(&[keyed(1001, "k"), keyed(1002, "k"), keyed(1003, "")])
+        .await;
+    let mut replies = std::collections::BTreeMap::new();
+    while replies.len() < 3 {
+        let f = p.next().await;
+        let Some(Body::Publish(r)) = f.body else {
+            panic!("{f:?}")
+        };
+        replies.insert(f.id, r.offset);
+    }
+    let next = u64::from(PER) + 1;
+    assert_eq!(
+        replies.into_values().collect::<Vec<_>>(),
+        [next, next, next + 1]
+    );
+    let got = collect(&mut sub, 2).await;
+    assert_eq!(offsets(&got), [next, next + 1]);
+    assert_eq!(&got[0].data[..], b"keyed-1001");
+    sub.quiet_for(Duration::from_millis(200)).await;
     let calls = nodes[0].metric("gateway_broker_publish_batch_size_count");
     let published = nodes[0].metric("gateway_broker_publish_batch_size_sum");
-    assert_eq!(published, f64::from(2 * PER));
+    assert_eq!(published, f64::from(2 * PER + 3));
     assert!(
         calls < published,
         "{calls} script calls for {published} publications: nothing was batched"

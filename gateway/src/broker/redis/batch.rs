@@ -184,3 +184,163 @@ fn invocation<'a>(
     }
     call
 }
+
+#[cfg(test)]
+mod tests {
+    //! The publish script against a real `redis-server` (started here on a free port).
+    use super::*;
+    use crate::broker::redis::{endpoint::Endpoint, reply, scripts, sharding::Shard};
+    use broker_proto::v1::{Publication, ServerFrame, server_frame::Body};
+    use prost::Message as _;
+    use std::time::Duration;
+
+    struct Server(std::process::Child, u16);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn redis() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = Server(
+            std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH"),
+            port,
+        );
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn item(channel: &str, data: &str, key: &str, history: usize) -> Item {
+        let payload = ServerFrame {
+            id: 0,
+            error: None,
+            body: Some(Body::Publication(Publication {
+                channel: channel.into(),
+                data: data.as_bytes().to_vec().into(),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        Item {
+            stream: format!("t{{{channel}}}:s"),
+            meta: format!("t{{{channel}}}:m"),
+            idempotency: format!("t{{{channel}}}:i:{key}"),
+            payload,
+            history,
+            history_ttl: 60,
+            pubsub: format!("t{{{channel}}}"),
+            idempotency_ttl: 60,
+            has_key: !key.is_empty(),
+            meta_ttl: 60,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_groups_channels_keeps_order_trims_and_finds_duplicates() {
+        let server = redis();
+        let url = format!("redis://127.0.0.1:{}", server.1);
+        let endpoint = Arc::new(Endpoint::open(&Shard::parse(&url).unwrap()).unwrap());
+        let commands = Commands::new(endpoint, Duration::from_secs(5));
+        let script = redis::Script::new(&scripts::publish());
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.subscribe(&["t{a}", "t{b}", "t{n}"]).await.unwrap();
+
+        let items = [
+            item("a", "a1", "", 3),
+            item("b", "b1", "kb", 3),
+            item("a", "a2", "ka", 3),
+            item("n", "n1", "", 0),
+            item("a", "a3", "ka", 3), // the same key as a2, in the same batch
+            item("a", "a4", "", 3),
+            item("n", "n2", "", 0),
+            item("a", "a5", "", 3),
+        ];
+        let refs: Vec<&Item> = items.iter().collect();
+        let positions = publish(&commands, &script, &refs, "publish", "")
+            .await
+            .unwrap();
+        let offsets: Vec<u64> = positions.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [1, 1, 2, 0, 2, 3, 0, 4]);
+        let epoch = &positions[0].epoch;
+        assert!(!epoch.is_empty());
+        assert_eq!(positions[3].epoch, "");
+
+        // One message per channel, in the channels' first-appearance order.
+        use futures_util::StreamExt;
+        let mut got = Vec::new();
+        let mut stream = pubsub.on_message();
+        for _ in 0..3 {
+            let m = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .unwrap()
+                .unwrap();
+            let payload: Vec<u8> = m.get_payload().unwrap();
+            for p in reply::messages(&payload).unwrap() {
+                let reply::Message::Publication(p) = p else {
+                    panic!("a push")
+                };
+                got.push((
+                    m.get_channel_name().to_owned(),
+                    p.offset,
+                    String::from_utf8(p.data.to_vec()).unwrap(),
+                ));
+            }
+        }
+        let expect = [
+            ("t{a}", 1, "a1"),
+            ("t{a}", 2, "a2"),
+            ("t{a}", 3, "a4"),
+            ("t{a}", 4, "a5"),
+            ("t{b}", 1, "b1"),
+            ("t{n}", 0, "n1"),
+            ("t{n}", 0, "n2"),
+        ];
+        let got: Vec<(&str, u64, &str)> = got
+            .iter()
+            .map(|(c, o, d)| (c.as_str(), *o, d.as_str()))
+            .collect();
+        assert_eq!(got, expect);
+
+        // The stream holds the last 3 (its history size), ids = offsets.
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let ids: Vec<String> = redis::cmd("XRANGE")
+            .arg("t{a}:s")
+            .arg("-")
+            .arg("+")
+            .query_async::<Vec<(String, Vec<(String, Vec<u8>)>)>>(&mut c)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["2-0", "3-0", "4-0"]);
+
+        // A later batch finds the stored key; offsets go on.
+        let again = [item("a", "a3 again", "ka", 3), item("a", "a6", "", 3)];
+        let refs: Vec<&Item> = again.iter().collect();
+        let positions = publish(&commands, &script, &refs, "publish", "")
+            .await
+            .unwrap();
+        let offsets: Vec<u64> = positions.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [2, 5]);
+        assert_eq!(&positions[0].epoch, epoch);
+    }
+}

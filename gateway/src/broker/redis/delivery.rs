@@ -129,22 +129,32 @@ impl Delivery {
         let Some(channel) = self.keys.channel_of(name) else {
             return;
         };
-        match reply::message(payload) {
-            Ok(reply::Message::Publication(p)) if p.offset == 0 => {
-                // A channel without history: nothing to order or repair.
-                self.hub.deliver(p);
+        let messages = match reply::messages(payload) {
+            Ok(messages) => messages,
+            Err(why) => {
+                // A publication lost here shows up as a gap at the next one and is read
+                // from the stream.
+                tracing::warn!(channel, why, "undecodable pub/sub message");
+                return;
             }
-            Ok(reply::Message::Publication(p)) => {
-                let Some(tracker) = self.table.state_mut(name) else {
-                    return;
-                };
-                let actions = tracker.on_publication(p);
-                self.perform(name, actions);
+        };
+        for message in messages {
+            match message {
+                reply::Message::Publication(p) if p.offset == 0 => {
+                    // A channel without history: nothing to order or repair.
+                    self.hub.deliver(p);
+                }
+                reply::Message::Publication(p) => {
+                    let Some(tracker) = self.table.state_mut(name) else {
+                        return;
+                    };
+                    let actions = tracker.on_publication(p);
+                    self.perform(name, actions);
+                }
+                reply::Message::Push(body) => {
+                    self.hub.deliver_push(channel, body);
+                }
             }
-            Ok(reply::Message::Push(body)) => {
-                self.hub.deliver_push(channel, body);
-            }
-            Err(why) => tracing::warn!(channel, why, "undecodable pub/sub message"),
         }
     }
 

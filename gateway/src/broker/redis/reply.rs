@@ -85,13 +85,57 @@ pub fn envelope(message: &[u8]) -> Option<(u64, &str, &[u8])> {
 }
 
 /// A publication from a pub/sub message, or another push (Join/Leave) to fan out as is.
+#[derive(Debug)]
 pub enum Message {
     Publication(Publication),
     Push(Body),
 }
 
-pub fn message(payload: &[u8]) -> Result<Message, &'static str> {
-    let (offset, epoch, body) = envelope(payload).ok_or("undecodable pub/sub envelope")?;
+/// What one pub/sub message carries: one publication or push ("<offset> <epoch> <frame>"),
+/// or several publications of one channel from one batch ("m <epoch> <first offset>
+/// <len1>,<len2>,… <frame1><frame2>…": consecutive offsets from the first, all 0 for a
+/// channel without history; see `scripts::publish`).
+pub fn messages(payload: &[u8]) -> Result<Vec<Message>, &'static str> {
+    const BAD: &str = "undecodable pub/sub envelope";
+    let Some(batch) = payload.strip_prefix(b"m ") else {
+        let (offset, epoch, body) = envelope(payload).ok_or(BAD)?;
+        return Ok(vec![message(offset, epoch, body)?]);
+    };
+    let (first, epoch, rest) = envelope_after_epoch(batch).ok_or(BAD)?;
+    let space = rest.iter().position(|&b| b == b' ').ok_or(BAD)?;
+    let lens = std::str::from_utf8(&rest[..space]).map_err(|_| BAD)?;
+    let mut bodies = &rest[space + 1..];
+    let mut out = Vec::new();
+    for (i, len) in lens.split(',').enumerate() {
+        let len: usize = len.parse().map_err(|_| BAD)?;
+        if len > bodies.len() {
+            return Err(BAD);
+        }
+        let (body, tail) = bodies.split_at(len);
+        bodies = tail;
+        let offset = if first == 0 { 0 } else { first + i as u64 };
+        match message(offset, epoch, body)? {
+            p @ Message::Publication(_) => out.push(p),
+            Message::Push(_) => return Err("a push inside a batch"),
+        }
+    }
+    if !bodies.is_empty() {
+        return Err(BAD);
+    }
+    Ok(out)
+}
+
+/// "<epoch> <first offset> <rest>" (the batch form's head after "m ").
+fn envelope_after_epoch(message: &[u8]) -> Option<(u64, &str, &[u8])> {
+    let space = message.iter().position(|&b| b == b' ')?;
+    let epoch = std::str::from_utf8(&message[..space]).ok()?;
+    let rest = &message[space + 1..];
+    let space = rest.iter().position(|&b| b == b' ')?;
+    let first = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+    Some((first, epoch, &rest[space + 1..]))
+}
+
+fn message(offset: u64, epoch: &str, body: &[u8]) -> Result<Message, &'static str> {
     let frame = ServerFrame::decode(Bytes::copy_from_slice(body))
         .map_err(|_| "undecodable pub/sub frame")?;
     match frame.body {
@@ -118,6 +162,74 @@ mod tests {
         assert_eq!(envelope(b"0  \x00\x01"), Some((0, "", &b"\x00\x01"[..])));
         assert_eq!(envelope(b"x y z"), None);
         assert_eq!(envelope(b"12"), None);
+    }
+
+    fn publication(data: &'static [u8]) -> Vec<u8> {
+        ServerFrame {
+            id: 0,
+            error: None,
+            body: Some(Body::Publication(Publication {
+                channel: "c".into(),
+                data: Bytes::from_static(data),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    fn offsets_and_data(m: &[Message]) -> Vec<(u64, String, Vec<u8>)> {
+        m.iter()
+            .map(|m| match m {
+                Message::Publication(p) => (p.offset, p.epoch.clone(), p.data.to_vec()),
+                Message::Push(b) => panic!("{b:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parses_one_publication_and_a_batch() {
+        let mut one = b"7 ep ".to_vec();
+        one.extend(publication(b"x"));
+        let got = offsets_and_data(&messages(&one).unwrap());
+        assert_eq!(got, [(7, "ep".into(), b"x".to_vec())]);
+
+        let (a, b) = (publication(b"first"), publication(b""));
+        let mut batch = format!("m ep 41 {},{} ", a.len(), b.len()).into_bytes();
+        batch.extend(&a);
+        batch.extend(&b);
+        let got = offsets_and_data(&messages(&batch).unwrap());
+        assert_eq!(
+            got,
+            [
+                (41, "ep".into(), b"first".to_vec()),
+                (42, "ep".into(), vec![])
+            ]
+        );
+
+        // Without history: every offset 0, no epoch.
+        let mut batch = format!("m  0 {},{} ", a.len(), a.len()).into_bytes();
+        batch.extend(&a);
+        batch.extend(&a);
+        let got = offsets_and_data(&messages(&batch).unwrap());
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 0]);
+        assert_eq!(got[0].1, "");
+    }
+
+    #[test]
+    fn refuses_a_batch_whose_lengths_do_not_add_up() {
+        let a = publication(b"abc");
+        for lens in [
+            format!("{}", a.len() + 1),
+            format!("{},1", a.len()),
+            format!("{}", a.len() - 1),
+            "x".into(),
+            String::new(),
+        ] {
+            let mut batch = format!("m ep 1 {lens} ").into_bytes();
+            batch.extend(&a);
+            assert!(messages(&batch).is_err(), "{lens}");
+        }
+        assert!(messages(b"m ep").is_err());
     }
 
     #[test]

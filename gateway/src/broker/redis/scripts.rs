@@ -75,49 +75,96 @@ end
 /// or `spublish` on Redis Cluster), then the instance: durable ("1"/"0"), run_id (or ""),
 /// promoted ("1"/"0"), layout token (or ""); a candidate epoch; then per publication seven:
 /// payload, history size, history TTL (s), pub/sub channel, idempotency TTL (s), has key
-/// ("1"/"0"), meta TTL (s). Returns {offset, epoch, duplicate} per publication, flat. Each
-/// pub/sub message is "<offset> <epoch> <payload>". A channel's epoch is settled and its
-/// keys' TTLs renewed once per batch.
+/// ("1"/"0"), meta TTL (s). Returns {offset, epoch, duplicate} per publication, flat.
+///
+/// The batch's publications are grouped by channel (keeping their order within it): per
+/// channel the epoch is settled, the offsets taken (one `HINCRBY` by their count), each
+/// one added to the stream, the stream trimmed to the history size once, the TTLs renewed
+/// and one pub/sub message sent: "<offset> <epoch> <payload>" for one publication,
+/// "m <epoch> <first offset> <len1>,<len2>,… <payload1><payload2>…" for several
+/// (consecutive offsets from the first; all 0 without history). Every step is inside one
+/// script, so nobody sees the stream over its size. A key already used (stored, or by an
+/// earlier publication of the batch) makes a duplicate: stored nothing, answered with the
+/// original's position.
 pub fn publish() -> String {
     format!(
         "{STREAM_EPOCH}{}",
         r#"
 local command, durable, run_id, promoted, layout, candidate =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local epochs, touched, out = {}, {}, {}
-for i = 0, #KEYS / 3 - 1 do
-  local stream, meta, idem = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local a = 6 + i * 7
-  local payload, history, has_key = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 6] == '1'
-  local prev = has_key and redis.call('get', idem)
+local n = #KEYS / 3
+local answers, groups, order, keys = {}, {}, {}, {}
+for i = 0, n - 1 do
+  local meta, idem = KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local has_key = ARGV[6 + i * 7 + 6] == '1'
+  local prev = has_key and (keys[idem] or redis.call('get', idem))
   if prev then
-    local sep = string.find(prev, ' ', 1, true)
-    out[#out + 1] = tonumber(string.sub(prev, 1, sep - 1))
-    out[#out + 1] = string.sub(prev, sep + 1)
-    out[#out + 1] = 1
+    answers[i] = prev
   else
-    local offset, epoch = 0, ''
-    if history > 0 then
-      epoch = epochs[meta]
-      if not epoch then
-        epoch = stream_epoch(stream, meta, candidate, durable, run_id, promoted, layout)
-        epochs[meta] = epoch
-      end
-      offset = redis.call('hincrby', meta, 'o', 1)
-      redis.call('xadd', stream, 'MAXLEN', history, offset .. '-0', 'd', payload)
-      if not touched[meta] then
-        touched[meta] = true
-        redis.call('expire', stream, ARGV[a + 3])
-        redis.call('expire', meta, ARGV[a + 7])
-      end
-    end
-    redis.call(command, ARGV[a + 4], offset .. ' ' .. epoch .. ' ' .. payload)
     if has_key then
-      redis.call('set', idem, offset .. ' ' .. epoch, 'EX', ARGV[a + 5])
+      keys[idem] = i
     end
-    out[#out + 1] = offset
-    out[#out + 1] = epoch
+    local g = groups[meta]
+    if not g then
+      g = {first = i, items = {}}
+      groups[meta] = g
+      order[#order + 1] = g
+    end
+    g.items[#g.items + 1] = i
+  end
+end
+local positions = {}
+for _, g in ipairs(order) do
+  local stream, meta = KEYS[g.first * 3 + 1], KEYS[g.first * 3 + 2]
+  local a = 6 + g.first * 7
+  local history, k = tonumber(ARGV[a + 2]), #g.items
+  local offset, epoch = 0, ''
+  if history > 0 then
+    epoch = stream_epoch(stream, meta, candidate, durable, run_id, promoted, layout)
+    offset = redis.call('hincrby', meta, 'o', k) - k + 1
+    for j, i in ipairs(g.items) do
+      redis.call('xadd', stream, (offset + j - 1) .. '-0', 'd', ARGV[6 + i * 7 + 1])
+    end
+    redis.call('xtrim', stream, 'MAXLEN', history)
+    redis.call('expire', stream, ARGV[a + 3])
+    redis.call('expire', meta, ARGV[a + 7])
+  end
+  local message
+  if k == 1 then
+    message = offset .. ' ' .. epoch .. ' ' .. ARGV[a + 1]
+  else
+    local lens, payloads = {}, {}
+    for j, i in ipairs(g.items) do
+      payloads[j] = ARGV[6 + i * 7 + 1]
+      lens[j] = #payloads[j]
+    end
+    message = 'm ' .. epoch .. ' ' .. offset .. ' ' .. table.concat(lens, ',') .. ' ' ..
+      table.concat(payloads)
+  end
+  redis.call(command, ARGV[a + 4], message)
+  for j, i in ipairs(g.items) do
+    local o = history > 0 and offset + j - 1 or 0
+    positions[i] = {o, epoch}
+    if ARGV[6 + i * 7 + 6] == '1' then
+      redis.call('set', KEYS[i * 3 + 3], o .. ' ' .. epoch, 'EX', ARGV[6 + i * 7 + 5])
+    end
+  end
+end
+local out = {}
+for i = 0, n - 1 do
+  local a = answers[i]
+  if a == nil then
+    out[#out + 1] = positions[i][1]
+    out[#out + 1] = positions[i][2]
     out[#out + 1] = 0
+  else
+    if type(a) == 'number' then
+      a = positions[a][1] .. ' ' .. positions[a][2]
+    end
+    local sep = string.find(a, ' ', 1, true)
+    out[#out + 1] = tonumber(string.sub(a, 1, sep - 1))
+    out[#out + 1] = string.sub(a, sep + 1)
+    out[#out + 1] = 1
   end
 end
 return out
