@@ -130,7 +130,7 @@ async fn run(
 }
 
 /// Runs the publish script for `items` (all on one server, or one item on Cluster) and
-/// reads each one's position.
+/// reads each one's position, in the order of `items`.
 pub async fn publish(
     commands: &Commands,
     script: &redis::Script,
@@ -138,9 +138,10 @@ pub async fn publish(
     command: &str,
     layout: &str,
 ) -> Result<Vec<Position>, BrokerError> {
+    let groups = &by_channel(items);
     let response: Vec<Value> = commands
         .run_as(|mut conn, instance| async move {
-            invocation(script, items, command, &instance, layout)
+            invocation(script, items, groups, command, &instance, layout)
                 .invoke_async(&mut conn)
                 .await
         })
@@ -148,24 +149,45 @@ pub async fn publish(
     if response.len() != items.len() * 3 {
         return Err(reply::bad_reply("publish"));
     }
-    response
-        .chunks(3)
-        .map(|answer| reply::position(answer, "publish"))
+    // The answers come channel by channel; put them back in the items' order.
+    let mut positions = vec![None; items.len()];
+    let order = groups.iter().flatten();
+    for (&i, answer) in order.zip(response.chunks(3)) {
+        positions[i] = Some(reply::position(answer, "publish")?);
+    }
+    positions
+        .into_iter()
+        .map(|p| p.ok_or_else(|| reply::bad_reply("publish")))
         .collect()
+}
+
+/// The items' indices grouped by channel, channels in order of first appearance, each
+/// channel's items in their order.
+fn by_channel(items: &[&Item]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let g = *index.entry(item.meta.as_str()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
+    groups
 }
 
 fn invocation<'a>(
     script: &'a redis::Script,
     items: &[&Item],
+    groups: &[Vec<usize>],
     command: &str,
     instance: &Instance,
     layout: &str,
 ) -> redis::ScriptInvocation<'a> {
     let mut call = script.prepare_invoke();
-    for item in items {
-        call.key(&item.stream)
-            .key(&item.meta)
-            .key(&item.idempotency);
+    for group in groups {
+        let first = items[group[0]];
+        call.key(&first.stream).key(&first.meta);
     }
     call.arg(command)
         .arg(flag(instance.durable))
@@ -173,14 +195,26 @@ fn invocation<'a>(
         .arg(flag(instance.promoted))
         .arg(layout)
         .arg(new_epoch());
-    for item in items {
-        call.arg(&item.payload)
-            .arg(item.history)
-            .arg(item.history_ttl)
-            .arg(&item.pubsub)
-            .arg(item.idempotency_ttl)
-            .arg(flag(item.has_key))
-            .arg(item.meta_ttl);
+    // Idempotency keys follow the channels' keys; an item names its key by index.
+    let mut next_key = groups.len() * 2;
+    for group in groups {
+        let first = items[group[0]];
+        call.arg(&first.pubsub)
+            .arg(first.history)
+            .arg(first.history_ttl)
+            .arg(first.meta_ttl)
+            .arg(first.idempotency_ttl)
+            .arg(group.len());
+        for &i in group {
+            let item = items[i];
+            if item.has_key {
+                next_key += 1;
+                call.key(&item.idempotency).arg(next_key);
+            } else {
+                call.arg(0);
+            }
+            call.arg(&item.payload);
+        }
     }
     call
 }
@@ -342,5 +376,25 @@ mod tests {
         let offsets: Vec<u64> = positions.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, [2, 5]);
         assert_eq!(&positions[0].epoch, epoch);
+
+        // A batch of nothing but a duplicate stores and sends nothing.
+        let only = item("a", "a3 once more", "ka", 3);
+        let positions = publish(&commands, &script, &[&only], "publish", "")
+            .await
+            .unwrap();
+        assert_eq!(positions[0].offset, 2);
+        let m = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let payload: Vec<u8> = m.get_payload().unwrap();
+        let sent = reply::messages(&payload).unwrap();
+        assert_eq!(sent.len(), 1, "only a6 was sent since");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), stream.next())
+                .await
+                .is_err(),
+            "the duplicate sent nothing"
+        );
     }
 }

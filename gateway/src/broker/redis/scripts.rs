@@ -67,104 +67,103 @@ local function stream_epoch(stream, meta, candidate, node_durable, node_run_id, 
 end
 "#;
 
-/// Publishes a batch: several publications, in order, in one call (one round trip, one
-/// script run, however many sessions published meanwhile). On Redis Cluster a batch holds
-/// one publication (its keys share one slot).
+/// Publishes a batch: several publications, grouped by channel (each channel's in their
+/// order), in one call: one round trip and one script run however many sessions
+/// published meanwhile. On Redis Cluster a batch holds one publication (a script's keys
+/// share one slot).
 ///
-/// KEYS: per publication, stream, meta, idempotency key. ARGV: publish command (`publish`,
-/// or `spublish` on Redis Cluster), then the instance: durable ("1"/"0"), run_id (or ""),
-/// promoted ("1"/"0"), layout token (or ""); a candidate epoch; then per publication seven:
-/// payload, history size, history TTL (s), pub/sub channel, idempotency TTL (s), has key
-/// ("1"/"0"), meta TTL (s). Returns {offset, epoch, duplicate} per publication, flat.
+/// KEYS: per channel, stream and meta; then the idempotency keys the publications name.
+/// ARGV: publish command (`publish`, or `spublish` on Redis Cluster), then the instance:
+/// durable ("1"/"0"), run_id (or ""), promoted ("1"/"0"), layout token (or ""); a
+/// candidate epoch; then per channel: pub/sub channel, history size, history TTL (s),
+/// meta TTL (s), idempotency TTL (s), count k, and k pairs (index of its idempotency key
+/// in KEYS or 0, payload). Returns {offset, epoch, duplicate} per publication, flat, in
+/// the order given.
 ///
-/// The batch's publications are grouped by channel (keeping their order within it): per
-/// channel the epoch is settled, the offsets taken (one `HINCRBY` by their count), each
-/// one added to the stream, the stream trimmed to the history size once, the TTLs renewed
-/// and one pub/sub message sent: "<offset> <epoch> <payload>" for one publication,
+/// Per channel the epoch is settled, the offsets taken (one `HINCRBY` by their count),
+/// each publication added to the stream, the stream trimmed to the history size once and
+/// the TTLs renewed, all inside the script (nobody sees the stream over its size), and
+/// one pub/sub message sent: "<offset> <epoch> <payload>" for one publication,
 /// "m <epoch> <first offset> <len1>,<len2>,… <payload1><payload2>…" for several
-/// (consecutive offsets from the first; all 0 without history). Every step is inside one
-/// script, so nobody sees the stream over its size. A key already used (stored, or by an
-/// earlier publication of the batch) makes a duplicate: stored nothing, answered with the
-/// original's position.
+/// (consecutive offsets from the first; all 0 without history). A key already used
+/// (stored, or by an earlier publication of the batch) makes a duplicate: nothing stored,
+/// answered with the original's position.
 pub fn publish() -> String {
     format!(
         "{STREAM_EPOCH}{}",
         r#"
 local command, durable, run_id, promoted, layout, candidate =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local n = #KEYS / 3
-local answers, groups, order, keys = {}, {}, {}, {}
-for i = 0, n - 1 do
-  local meta, idem = KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local has_key = ARGV[6 + i * 7 + 6] == '1'
-  local prev = has_key and (keys[idem] or redis.call('get', idem))
-  if prev then
-    answers[i] = prev
-  else
-    if has_key then
-      keys[idem] = i
+local out, a, g = {}, 7, 0
+while a <= #ARGV do
+  local stream, meta = KEYS[g * 2 + 1], KEYS[g * 2 + 2]
+  g = g + 1
+  local channel, history, history_ttl = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local meta_ttl, idem_ttl, k = ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
+  a = a + 6
+  local fresh, key_of, fresh_of, dup_of, stored, used = {}, {}, {}, {}, {}, {}
+  for j = 1, k do
+    local key = tonumber(ARGV[a])
+    local name = key > 0 and KEYS[key]
+    local prev = name and (used[name] or redis.call('get', name))
+    if type(prev) == 'number' then
+      dup_of[j] = prev
+    elseif prev then
+      stored[j] = prev
+    else
+      local f = #fresh + 1
+      fresh[f] = ARGV[a + 1]
+      fresh_of[j] = f
+      if name then
+        used[name] = f
+        key_of[f] = name
+      end
     end
-    local g = groups[meta]
-    if not g then
-      g = {first = i, items = {}}
-      groups[meta] = g
-      order[#order + 1] = g
-    end
-    g.items[#g.items + 1] = i
+    a = a + 2
   end
-end
-local positions = {}
-for _, g in ipairs(order) do
-  local stream, meta = KEYS[g.first * 3 + 1], KEYS[g.first * 3 + 2]
-  local a = 6 + g.first * 7
-  local history, k = tonumber(ARGV[a + 2]), #g.items
-  local offset, epoch = 0, ''
-  if history > 0 then
-    epoch = stream_epoch(stream, meta, candidate, durable, run_id, promoted, layout)
-    offset = redis.call('hincrby', meta, 'o', k) - k + 1
-    for j, i in ipairs(g.items) do
-      redis.call('xadd', stream, (offset + j - 1) .. '-0', 'd', ARGV[6 + i * 7 + 1])
+  local n, offset, epoch = #fresh, 0, ''
+  if n > 0 then
+    if history > 0 then
+      epoch = stream_epoch(stream, meta, candidate, durable, run_id, promoted, layout)
+      offset = redis.call('hincrby', meta, 'o', n) - n + 1
+      for f = 1, n do
+        redis.call('xadd', stream, (offset + f - 1) .. '-0', 'd', fresh[f])
+      end
+      redis.call('xtrim', stream, 'MAXLEN', history)
+      redis.call('expire', stream, history_ttl)
+      redis.call('expire', meta, meta_ttl)
     end
-    redis.call('xtrim', stream, 'MAXLEN', history)
-    redis.call('expire', stream, ARGV[a + 3])
-    redis.call('expire', meta, ARGV[a + 7])
-  end
-  local message
-  if k == 1 then
-    message = offset .. ' ' .. epoch .. ' ' .. ARGV[a + 1]
-  else
-    local lens, payloads = {}, {}
-    for j, i in ipairs(g.items) do
-      payloads[j] = ARGV[6 + i * 7 + 1]
-      lens[j] = #payloads[j]
-    end
-    message = 'm ' .. epoch .. ' ' .. offset .. ' ' .. table.concat(lens, ',') .. ' ' ..
-      table.concat(payloads)
-  end
-  redis.call(command, ARGV[a + 4], message)
-  for j, i in ipairs(g.items) do
-    local o = history > 0 and offset + j - 1 or 0
-    positions[i] = {o, epoch}
-    if ARGV[6 + i * 7 + 6] == '1' then
-      redis.call('set', KEYS[i * 3 + 3], o .. ' ' .. epoch, 'EX', ARGV[6 + i * 7 + 5])
+    if n == 1 then
+      redis.call(command, channel, offset .. ' ' .. epoch .. ' ' .. fresh[1])
+    else
+      local lens = {}
+      for f = 1, n do
+        lens[f] = #fresh[f]
+      end
+      redis.call(command, channel, 'm ' .. epoch .. ' ' .. offset .. ' ' ..
+        table.concat(lens, ',') .. ' ' .. table.concat(fresh))
     end
   end
-end
-local out = {}
-for i = 0, n - 1 do
-  local a = answers[i]
-  if a == nil then
-    out[#out + 1] = positions[i][1]
-    out[#out + 1] = positions[i][2]
-    out[#out + 1] = 0
-  else
-    if type(a) == 'number' then
-      a = positions[a][1] .. ' ' .. positions[a][2]
+  local function at(f)
+    if history > 0 then
+      return offset + f - 1
     end
-    local sep = string.find(a, ' ', 1, true)
-    out[#out + 1] = tonumber(string.sub(a, 1, sep - 1))
-    out[#out + 1] = string.sub(a, sep + 1)
-    out[#out + 1] = 1
+    return 0
+  end
+  for f, name in pairs(key_of) do
+    redis.call('set', name, at(f) .. ' ' .. epoch, 'EX', idem_ttl)
+  end
+  for j = 1, k do
+    if stored[j] then
+      local sep = string.find(stored[j], ' ', 1, true)
+      out[#out + 1] = tonumber(string.sub(stored[j], 1, sep - 1))
+      out[#out + 1] = string.sub(stored[j], sep + 1)
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = at(fresh_of[j] or dup_of[j])
+      out[#out + 1] = epoch
+      out[#out + 1] = dup_of[j] and 1 or 0
+    end
   end
 end
 return out
