@@ -55,8 +55,102 @@ pub enum Admit {
 
 #[derive(Debug, Default)]
 pub struct Subscriptions {
-    map: HashMap<Arc<str>, Subscription>,
+    map: Map,
     generation: u32,
+}
+
+/// A connection's subscriptions by channel name: most connections hold one or a few,
+/// kept in a vector sized exactly (a hash map's smallest table would hold four, ~450
+/// bytes per idle connection); past [`FEW`] a hash map.
+#[derive(Debug)]
+enum Map {
+    Few(Vec<Subscription>),
+    Many(HashMap<Arc<str>, Subscription>),
+}
+
+const FEW: usize = 8;
+
+impl Default for Map {
+    fn default() -> Self {
+        Self::Few(Vec::new())
+    }
+}
+
+impl Map {
+    fn len(&self) -> usize {
+        match self {
+            Self::Few(v) => v.len(),
+            Self::Many(m) => m.len(),
+        }
+    }
+
+    fn get(&self, channel: &str) -> Option<&Subscription> {
+        match self {
+            Self::Few(v) => v.iter().find(|s| s.channel.as_str() == channel),
+            Self::Many(m) => m.get(channel),
+        }
+    }
+
+    fn get_mut(&mut self, channel: &str) -> Option<&mut Subscription> {
+        match self {
+            Self::Few(v) => v.iter_mut().find(|s| s.channel.as_str() == channel),
+            Self::Many(m) => m.get_mut(channel),
+        }
+    }
+
+    fn insert(&mut self, sub: Subscription) {
+        match self {
+            Self::Few(v) => {
+                if let Some(i) = v.iter().position(|s| s.channel == sub.channel) {
+                    v[i] = sub;
+                } else if v.len() < FEW {
+                    v.reserve_exact(1);
+                    v.push(sub);
+                } else {
+                    let mut m: HashMap<Arc<str>, Subscription> = std::mem::take(v)
+                        .into_iter()
+                        .map(|s| (s.channel.shared().clone(), s))
+                        .collect();
+                    m.insert(sub.channel.shared().clone(), sub);
+                    *self = Self::Many(m);
+                }
+            }
+            Self::Many(m) => {
+                m.insert(sub.channel.shared().clone(), sub);
+            }
+        }
+    }
+
+    fn remove(&mut self, channel: &str) -> Option<Subscription> {
+        let removed = match self {
+            Self::Few(v) => {
+                let i = v.iter().position(|s| s.channel.as_str() == channel)?;
+                let sub = v.swap_remove(i);
+                v.shrink_to_fit();
+                Some(sub)
+            }
+            Self::Many(m) => m.remove(channel),
+        };
+        if self.len() == 0 {
+            *self = Self::default();
+        }
+        removed
+    }
+
+    fn drain(&mut self) -> Vec<Subscription> {
+        match std::mem::take(self) {
+            Self::Few(v) => v,
+            Self::Many(m) => m.into_values().collect(),
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Subscription> + '_ {
+        let (few, many) = match self {
+            Self::Few(v) => (Some(v.iter()), None),
+            Self::Many(m) => (None, Some(m.values())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
 }
 
 impl Subscriptions {
@@ -65,11 +159,11 @@ impl Subscriptions {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.len() == 0
     }
 
     pub fn contains(&self, channel: &str) -> bool {
-        self.map.contains_key(channel)
+        self.map.get(channel).is_some()
     }
 
     /// Whether this connection holds `channel` by a subscription token or the token's
@@ -89,7 +183,7 @@ impl Subscriptions {
     }
 
     pub fn insert(&mut self, sub: Subscription) {
-        self.map.insert(sub.channel.shared().clone(), sub);
+        self.map.insert(sub);
     }
 
     pub fn remove(&mut self, channel: &str) -> Option<Subscription> {
@@ -97,7 +191,7 @@ impl Subscriptions {
     }
 
     pub fn drain(&mut self) -> impl Iterator<Item = Subscription> + '_ {
-        self.map.drain().map(|(_, s)| s)
+        self.map.drain().into_iter()
     }
 
     /// The subscriptions the hub may deliver to directly (the outbox's express lane):
@@ -195,6 +289,46 @@ impl Subscriptions {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn the_map_grows_past_few_into_a_hash_map_and_back() {
+        let mut subs = Subscriptions::default();
+        let name = |i: usize| format!("c{i}");
+        for i in 0..20 {
+            let mut sub = subscription(i as u32, "e", 0);
+            sub.channel = ChannelName::parse(&name(i)).unwrap();
+            subs.insert(sub);
+            assert_eq!(subs.len(), i + 1);
+            assert!(matches!(subs.map, Map::Few(_)) == (i < FEW));
+        }
+        // Inserting a channel again replaces it.
+        let mut again = subscription(99, "e", 0);
+        again.channel = ChannelName::parse("c3").unwrap();
+        subs.insert(again);
+        assert_eq!(subs.len(), 20);
+        assert_eq!(subs.get("c3").unwrap().generation, 99);
+        for i in 0..20 {
+            assert!(subs.contains(&name(i)), "{i}");
+        }
+        assert_eq!(subs.map.values().count(), 20);
+        for i in 0..20 {
+            assert!(subs.remove(&name(i)).is_some());
+            assert!(!subs.contains(&name(i)));
+        }
+        assert!(subs.is_empty());
+        assert!(matches!(subs.map, Map::Few(ref v) if v.capacity() == 0));
+
+        let mut few = Subscriptions::default();
+        for i in 0..3 {
+            let mut sub = subscription(i, "e", 0);
+            sub.channel = ChannelName::parse(&name(i as usize)).unwrap();
+            few.insert(sub);
+        }
+        assert!(few.remove("c1").is_some());
+        assert_eq!(few.get("c2").unwrap().generation, 2);
+        assert_eq!(few.drain().count(), 2);
+        assert!(few.is_empty());
+    }
 
     fn subscription(generation: u32, epoch: &str, last: u64) -> Subscription {
         Subscription {
