@@ -50,6 +50,14 @@ pub enum Tick {
     Close(CloseCode),
 }
 
+/// A connection's uploads, and the downloads and RPC calls in flight (their tasks hold a
+/// count).
+pub(super) struct Media {
+    pub uploads: Uploads,
+    pub downloads: Arc<AtomicUsize>,
+    pub rpcs: Arc<AtomicUsize>,
+}
+
 pub struct SessionCore {
     pub(super) ctx: Arc<Context>,
     pub(super) id: SessionId,
@@ -63,10 +71,9 @@ pub struct SessionCore {
     pub(super) connected: bool,
     pub(super) outbox: Arc<Outbox>,
     pub(super) subscriptions: Subscriptions,
-    pub(super) uploads: Uploads,
-    /// Downloads and RPC calls in flight on this connection (their tasks hold a count).
-    pub(super) downloads: Arc<AtomicUsize>,
-    pub(super) rpcs: Arc<AtomicUsize>,
+    /// Uploads, downloads and RPC calls: made at the first one (most connections never
+    /// make any, and an idle connection should cost little).
+    media: Option<Box<Media>>,
     /// Publishes answered off this task (made at the first one).
     pub(super) pipeline: Option<Arc<super::pipeline::Pipeline>>,
     bulk: Vec<Bytes>,
@@ -108,16 +115,7 @@ impl SessionCore {
             connected: false,
             name: String::new(),
             subscriptions: Subscriptions::default(),
-            uploads: Uploads::new(
-                UploadLimits {
-                    max_bytes: ctx.channels.blob_config().max_bytes,
-                    max_uploads: ctx.channels.blob_config().max_uploads_per_connection,
-                    idle: ctx.channels.blob_config().upload_idle,
-                },
-                ctx.upload_budget.clone(),
-            ),
-            downloads: Arc::default(),
-            rpcs: Arc::default(),
+            media: None,
             pipeline: None,
             bulk: Vec::new(),
             read_permits: Vec::new(),
@@ -137,6 +135,26 @@ impl SessionCore {
             outbox,
             ctx,
         }
+    }
+
+    /// The connection's uploads, downloads and RPC calls, made at the first use.
+    pub(super) fn media(&mut self) -> &mut Media {
+        let ctx = &self.ctx;
+        self.media.get_or_insert_with(|| {
+            let blobs = ctx.channels.blob_config();
+            Box::new(Media {
+                uploads: Uploads::new(
+                    UploadLimits {
+                        max_bytes: blobs.max_bytes,
+                        max_uploads: blobs.max_uploads_per_connection,
+                        idle: blobs.upload_idle,
+                    },
+                    ctx.upload_budget.clone(),
+                ),
+                downloads: Arc::default(),
+                rpcs: Arc::default(),
+            })
+        })
     }
 
     /// Registers the session with the hub, so draining and disconnects reach it.
@@ -203,8 +221,9 @@ impl SessionCore {
     /// When [`Self::on_timer`] has something to do next.
     pub fn next_deadline(&self) -> Instant {
         let next = self
-            .uploads
-            .next_expiry()
+            .media
+            .as_ref()
+            .and_then(|m| m.uploads.next_expiry())
             .map_or(self.next_ping, |e| e.min(self.next_ping));
         if self
             .identity
@@ -232,7 +251,7 @@ impl SessionCore {
         if self.token_expired() {
             return Tick::Close(CloseCode::TokenExpired);
         }
-        let abandoned = self.uploads.expire(now);
+        let abandoned = self.media.as_mut().map_or(0, |m| m.uploads.expire(now));
         for _ in 0..abandoned {
             metrics::blob_upload("aborted");
         }

@@ -93,7 +93,7 @@ impl SessionCore {
     pub(super) async fn blob_put(&mut self, put: BlobPut) -> Result<Body, CommandError> {
         let now = self.ctx.clock.now();
         let config = self.ctx.channels.blob_config().clone();
-        let first = !self.uploads.in_flight(put.upload);
+        let first = !self.media().uploads.in_flight(put.upload);
         if first {
             if put.size == 0 || put.content_type.is_empty() {
                 return Err(UploadError::Bad(
@@ -114,7 +114,7 @@ impl SessionCore {
                 size: put.size,
                 claimed: claimed.clone(),
             };
-            self.uploads.begin(put.upload, start, now)?;
+            self.media().uploads.begin(put.upload, start, now)?;
             metrics::blob_upload("started");
             if let Some(id) = claimed {
                 // The shortcut works only for a blob already granted to this channel
@@ -125,7 +125,7 @@ impl SessionCore {
                     .await;
                 match known {
                     Ok(Some(meta)) => {
-                        self.uploads.abandon(put.upload);
+                        self.media().uploads.abandon(put.upload);
                         let allowed = self.ctx.channels.blob_types(&options);
                         check_stored_type(&meta.content_type, &put.content_type, allowed)?;
                         if meta.size != put.size {
@@ -140,14 +140,17 @@ impl SessionCore {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        self.uploads.abandon(put.upload);
+                        self.media().uploads.abandon(put.upload);
                         metrics::blob_upload("aborted");
                         return Err(e.into());
                     }
                 }
             }
         }
-        let fed = self.uploads.feed(put.upload, &put.data, put.last, now);
+        let fed = self
+            .media()
+            .uploads
+            .feed(put.upload, &put.data, put.last, now);
         if fed.is_err() {
             metrics::blob_upload("aborted");
         }
@@ -201,13 +204,19 @@ impl SessionCore {
         channel: &str,
         claimed: &str,
     ) -> Result<(), CommandError> {
-        let Some(head) = self.uploads.head(upload).filter(|h| h.len() >= SNIFF_BYTES) else {
+        let ctx = self.ctx.clone();
+        let Some(head) = self
+            .media()
+            .uploads
+            .head(upload)
+            .filter(|h| h.len() >= SNIFF_BYTES)
+        else {
             return Ok(());
         };
-        let (_, options) = self.ctx.channels.resolve(channel)?;
-        let allowed = self.ctx.channels.blob_types(&options);
+        let (_, options) = ctx.channels.resolve(channel)?;
+        let allowed = ctx.channels.blob_types(&options);
         if let Err(e) = check_type(head, claimed, allowed) {
-            self.uploads.abandon(upload);
+            self.media().uploads.abandon(upload);
             metrics::blob_upload("aborted");
             return Err(e.into());
         }
@@ -220,7 +229,7 @@ impl SessionCore {
             || CommandError::new(ErrorCode::BlobNotFound, "no such blob (unknown or expired)");
         let blob = BlobId::parse(&get.id).map_err(|_| not_found())?;
         let max = self.ctx.channels.blob_config().max_downloads_per_connection;
-        let slot = Slot::take(&self.downloads, max).ok_or_else(|| {
+        let slot = Slot::take(&self.media().downloads, max).ok_or_else(|| {
             CommandError::new(
                 ErrorCode::LimitExceeded,
                 "downloads in flight on this connection",
@@ -282,7 +291,7 @@ impl SessionCore {
     pub(super) fn rpc(&mut self, id: u32, call: Rpc) -> Result<(), CommandError> {
         CommandError::check_len("contentType", &call.content_type, bounds::CONTENT_TYPE)?;
         let rpc = self.ctx.rpc.clone();
-        let slot = Slot::take(&self.rpcs, rpc.max_in_flight()).ok_or_else(|| {
+        let slot = Slot::take(&self.media().rpcs, rpc.max_in_flight()).ok_or_else(|| {
             CommandError::new(
                 ErrorCode::LimitExceeded,
                 "RPC calls in flight on this connection",

@@ -50,13 +50,20 @@ impl Drop for ForgetSocket {
 }
 
 /// Runs a session to its end. The caller has completed the WebSocket upgrade.
-pub async fn run<S>(ctx: Arc<Context>, mut ws: WebSocket<S>, params: Params, metrics: &Metrics)
+pub async fn run<S>(ctx: Arc<Context>, mut ws: WebSocket<S>, mut params: Params, metrics: &Metrics)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // Boxed: the token check (a JWKS fetch, maybe) and the start are live only at the
-    // beginning, and every idle connection would pay for their state otherwise.
-    let (mut core, refused) = Box::pin(open(ctx, &params)).await;
+    // beginning, and every idle connection would pay for their state otherwise. The
+    // token goes with it, once verified.
+    let (mut core, refused) = Box::pin(open(
+        ctx,
+        params.encoding,
+        params.reject,
+        params.token.take(),
+    ))
+    .await;
     // Declared after `ws` (a parameter), so dropped before it closes the socket.
     let _forget = params.fd.map(|fd| {
         core.outbox()
@@ -81,12 +88,17 @@ where
 }
 
 /// Verifies the upgrade's token and starts the session; `Some` refuses it with that code.
-async fn open(ctx: Arc<Context>, params: &Params) -> (core::SessionCore, Option<CloseCode>) {
-    let verified = match (params.reject, &params.token) {
-        (None, Some(token)) if ctx.verifier.enabled() => Some(ctx.verifier.verify(token).await),
+async fn open(
+    ctx: Arc<Context>,
+    encoding: Encoding,
+    reject: Option<CloseCode>,
+    token: Option<String>,
+) -> (core::SessionCore, Option<CloseCode>) {
+    let verified = match (reject, token) {
+        (None, Some(token)) if ctx.verifier.enabled() => Some(ctx.verifier.verify(&token).await),
         _ => None,
     };
-    let refused = match (params.reject, &verified) {
+    let refused = match (reject, &verified) {
         (Some(code), _) => Some(code),
         (None, Some(Err(AuthError::Invalid(_)))) => Some(CloseCode::TokenInvalid),
         (None, Some(Err(AuthError::Expired))) => Some(CloseCode::TokenExpired),
@@ -94,7 +106,7 @@ async fn open(ctx: Arc<Context>, params: &Params) -> (core::SessionCore, Option<
     };
     let identity = verified.and_then(Result::ok);
     let now = ctx.clock.now();
-    let mut core = core::SessionCore::new(ctx, params.encoding, identity, now);
+    let mut core = core::SessionCore::new(ctx, encoding, identity, now);
     let refused = match refused {
         Some(code) => Some(code),
         None => core.start().await,

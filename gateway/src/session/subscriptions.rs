@@ -222,7 +222,7 @@ impl Subscriptions {
 
     /// Takes back a lane's position after the hub delivered on it.
     pub fn advance(&mut self, lane: &Lane) {
-        if let Some(sub) = self.map.get_mut(&*lane.stream.channel)
+        if let Some(sub) = self.map.get_mut(&lane.stream.channel)
             && sub.generation == lane.generation
             && sub
                 .seen
@@ -239,7 +239,7 @@ impl Subscriptions {
             return Admit::Deliver;
         }
         let stream: &Stream = &item.stream;
-        let Some(sub) = self.map.get_mut(&*stream.channel) else {
+        let Some(sub) = self.map.get_mut(&stream.channel) else {
             return Admit::Skip;
         };
         if sub.generation != item.generation {
