@@ -50,40 +50,51 @@ impl Drop for ForgetSocket {
 }
 
 /// Runs a session to its end. The caller has completed the WebSocket upgrade.
-pub async fn run<S>(ctx: Arc<Context>, mut ws: WebSocket<S>, mut params: Params, metrics: &Metrics)
+///
+/// Not an `async fn`: its arguments would be kept twice in the future (as arguments and
+/// as the body's locals, rust-lang/rust#62958), and every idle connection would pay for
+/// the copy; the `async move` block uses them where they are.
+pub fn run<'a, S>(
+    ctx: Arc<Context>,
+    mut ws: WebSocket<S>,
+    mut params: Params,
+    metrics: &'a Metrics,
+) -> impl std::future::Future<Output = ()> + Send + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'a,
 {
-    // Boxed: the token check (a JWKS fetch, maybe) and the start are live only at the
-    // beginning, and every idle connection would pay for their state otherwise. The
-    // token goes with it, once verified.
-    let (mut core, refused) = Box::pin(open(
-        ctx,
-        params.encoding,
-        params.reject,
-        params.token.take(),
-    ))
-    .await;
-    // Declared after `ws` (a parameter), so dropped before it closes the socket.
-    let _forget = params.fd.map(|fd| {
-        core.outbox()
-            .set_socket(fd, params.encoding == Encoding::Json);
-        ForgetSocket(core.outbox().clone())
-    });
-    tracing::debug!(client = %core.client_id(), peer = %params.peer, "session started");
-    let exit = match refused {
-        Some(code) => Exit::Close(code),
-        None => connection::serve(&mut core, &mut ws, metrics).await,
-    };
-    let code = match &exit {
-        Exit::Close(code) => code.code(),
-        Exit::Gone => 0,
-    };
-    core.outbox().forget_socket();
-    tracing::debug!(client = %core.client_id(), peer = %params.peer, code, "session ended");
-    Box::pin(core.end()).await;
-    if let Exit::Close(code) = exit {
-        Box::pin(connection::close(&mut core, &mut ws, code)).await;
+    async move {
+        // Boxed: the token check (a JWKS fetch, maybe) and the start are live only at the
+        // beginning, and every idle connection would pay for their state otherwise. The
+        // token goes with it, once verified.
+        let (mut core, refused) = Box::pin(open(
+            ctx,
+            params.encoding,
+            params.reject,
+            params.token.take(),
+        ))
+        .await;
+        // Declared after `ws` (a parameter), so dropped before it closes the socket.
+        let _forget = params.fd.map(|fd| {
+            core.outbox()
+                .set_socket(fd, params.encoding == Encoding::Json);
+            ForgetSocket(core.outbox().clone())
+        });
+        tracing::debug!(client = %core.client_id(), peer = %params.peer, "session started");
+        let exit = match refused {
+            Some(code) => Exit::Close(code),
+            None => connection::serve(&mut core, &mut ws, metrics).await,
+        };
+        let code = match &exit {
+            Exit::Close(code) => code.code(),
+            Exit::Gone => 0,
+        };
+        core.outbox().forget_socket();
+        tracing::debug!(client = %core.client_id(), peer = %params.peer, code, "session ended");
+        Box::pin(core.end()).await;
+        if let Exit::Close(code) = exit {
+            Box::pin(connection::close(&mut core, &mut ws, code)).await;
+        }
     }
 }
 
