@@ -396,12 +396,15 @@ impl Outbox {
     /// The session is parked with nothing queued in its socket: publications on `lanes`
     /// may be written directly until it disarms. Returns false (and arms nothing) when
     /// there is queued work, a close, or no socket.
-    pub fn arm(&self, lanes: impl Iterator<Item = Lane>) -> bool {
+    pub fn arm(&self, lanes: impl Iterator<Item = Lane>, most: usize) -> bool {
         let mut s = self.lock();
         if s.fd < 0 || s.close.is_some() || !s.items.is_empty() || !s.bulk.is_empty() {
             return false;
         }
         s.lanes.clear();
+        // Sized to the subscriptions (`most` lanes at most), not to a growth step: most
+        // idle connections hold one.
+        s.lanes.reserve_exact(most);
         s.lanes.extend(lanes);
         s.armed = !s.lanes.is_empty();
         s.armed
@@ -546,7 +549,7 @@ mod tests {
             generation: 1,
             last_offset: 4,
         };
-        assert!(o.arm([lane].into_iter()));
+        assert!(o.arm([lane].into_iter(), 1));
         let publication = |offset: u64, len: usize| OutItem {
             stream: stream.clone(),
             generation: 1,
@@ -579,7 +582,7 @@ mod tests {
             generation: 1,
             last_offset: 5,
         };
-        assert!(o.arm([lane].into_iter()));
+        assert!(o.arm([lane].into_iter(), 1));
         let mut sent = 0;
         let rest = loop {
             match o.push(publication(6 + sent, 50_000)) {
@@ -593,6 +596,6 @@ mod tests {
         let mut all = vec![0u8; written - rest.as_ref().map_or(0, Bytes::len)];
         theirs.read_exact(&mut all).unwrap();
         o.forget_socket();
-        assert!(!o.arm(std::iter::empty()), "no socket, no lane");
+        assert!(!o.arm(std::iter::empty(), 0), "no socket, no lane");
     }
 }

@@ -83,6 +83,9 @@ where
                 deadline = next;
                 sleep.as_mut().reset(deadline.into());
             }
+            // Given back while waiting (a turn's messages were written): an idle
+            // connection keeps no output list.
+            pending = Vec::new();
             // Parked with nothing to write: the hub writes publications itself until
             // something wakes the session.
             let armed = ws.idle_for_writes() && core.arm();

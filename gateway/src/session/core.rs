@@ -173,7 +173,8 @@ impl SessionCore {
     /// Parks the session: the hub may write publications on its live subscriptions
     /// straight to the socket until [`disarm`](Self::disarm) (the outbox's express lane).
     pub fn arm(&self) -> bool {
-        self.outbox.arm(self.subscriptions.lanes())
+        self.outbox
+            .arm(self.subscriptions.lanes(), self.subscriptions.len())
     }
 
     /// Takes the positions the express lane advanced back into the subscriptions; returns

@@ -54,6 +54,7 @@ impl Drop for ForgetSocket {
 /// Not an `async fn`: its arguments would be kept twice in the future (as arguments and
 /// as the body's locals, rust-lang/rust#62958), and every idle connection would pay for
 /// the copy; the `async move` block uses them where they are.
+#[allow(clippy::manual_async_fn)]
 pub fn run<'a, S>(
     ctx: Arc<Context>,
     mut ws: WebSocket<S>,
