@@ -186,10 +186,9 @@ impl State {
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
-    /// Woken when the bulk lane shrinks or the connection closes.
-    bulk_drained: Notify,
-    /// Woken when a close is requested.
-    closed: Notify,
+    /// Woken when the bulk lane shrinks or a close is requested (its waiters check which;
+    /// one `Notify` for both keeps every connection's outbox smaller).
+    changed: Notify,
     limit_bytes: usize,
 }
 
@@ -198,8 +197,7 @@ impl Outbox {
         Self {
             state: Mutex::default(),
             notify: Notify::new(),
-            bulk_drained: Notify::new(),
-            closed: Notify::new(),
+            changed: Notify::new(),
             limit_bytes,
         }
     }
@@ -300,7 +298,7 @@ impl Outbox {
     /// closing (check [`Outbox::closing`]).
     pub async fn wait_bulk_room(&self, below: usize) {
         loop {
-            let drained = self.bulk_drained.notified();
+            let drained = self.changed.notified();
             {
                 let s = self.lock();
                 if s.bulk_bytes < below || s.close.is_some() {
@@ -318,15 +316,14 @@ impl Outbox {
             s.close = Some(code);
             drop(s);
             self.notify.notify_one();
-            self.bulk_drained.notify_waiters();
-            self.closed.notify_waiters();
+            self.changed.notify_waiters();
         }
     }
 
     /// Resolves once a close is requested (at once if it was already).
     pub async fn closed(&self) {
         loop {
-            let requested = self.closed.notified();
+            let requested = self.changed.notified();
             if self.closing().is_some() {
                 return;
             }
@@ -365,7 +362,7 @@ impl Outbox {
         let more = !s.bulk.is_empty();
         drop(s);
         if taken > 0 {
-            self.bulk_drained.notify_waiters();
+            self.changed.notify_waiters();
         }
         if more {
             self.notify.notify_one();
