@@ -529,7 +529,9 @@ impl SessionCore {
                 }
             };
         let pipeline = self.pipeline.get_or_insert_with(Default::default);
-        let Some(slot) = pipeline.take(bytes) else {
+        // Counted with what a queued publication holds besides its data (its encoded
+        // frame's head, client info, key names).
+        let Some(slot) = pipeline.take(bytes + super::pipeline::OVERHEAD_BYTES) else {
             // Over the bound: this one is answered in place (it is in order already).
             return Ok(Some(published(pending.await?)));
         };

@@ -17,9 +17,12 @@ use tokio::sync::Notify;
 
 /// Publishes in flight per connection at most.
 pub const MAX_PUBLISHES: usize = 32;
-/// Their payload bytes at most (a single publish may be larger: it is then answered in
-/// place).
+/// Their bytes at most, payload plus [`OVERHEAD_BYTES`] each (a single publish may be
+/// larger: it is then answered in place).
 pub const MAX_BYTES: usize = 64 * 1024;
+
+/// What a publication in flight holds besides its data, counted against [`MAX_BYTES`].
+pub const OVERHEAD_BYTES: usize = 512;
 
 #[derive(Default)]
 pub struct Pipeline {
