@@ -33,11 +33,11 @@ use std::time::Duration;
 pub const UPKEEP_PERIOD: Duration = Duration::from_secs(3);
 
 pub use history::{HistoryPage, Position};
+pub use presence::PresenceChange;
 
 /// A publish under way (see [`Broker::start_publish`]).
 pub type PendingPublish =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Position, BrokerError>> + Send>>;
-pub use presence::PresenceChange;
 
 /// What a client or the HTTP API asks to publish.
 #[derive(Debug, Clone, Default)]
