@@ -14,6 +14,7 @@ use crate::{
 };
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
+use futures_util::{FutureExt, future::Either};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -250,42 +251,18 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
     let accept = derive_accept_key(key.as_bytes());
 
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let node = node.clone();
-    tokio::spawn(async move {
-        let _slots = (slot, address_slot);
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "upgrade failed");
-                return;
-            }
-        };
-        let limits = &node.config.transport;
-        // Dropped at once: the bytes hyper read past the request head share its whole
-        // read buffer.
-        let mut fd = None;
-        let ws = {
-            let (socket, already_read) = Socket::from_upgraded(upgraded);
-            if let Socket::Tcp(tcp) = &socket {
-                fd = Some(std::os::fd::AsRawFd::as_raw_fd(tcp));
-            }
-            WebSocket::new(
-                socket,
-                &already_read,
-                limits.max_message_bytes,
-                limits.ws_read_buffer_bytes,
-            )
-        };
-        node.metrics.connections_accepted.increment(1);
-        let params = session::Params {
-            encoding,
-            token,
-            reject,
-            peer: client,
-            fd,
-        };
-        session::run(node.sessions.clone(), ws, params, &node.metrics).await;
-    });
+    let start = Start {
+        node: node.clone(),
+        slots: (slot, address_slot),
+        encoding,
+        token,
+        reject,
+        client,
+        peer,
+    };
+    // `then`, not an `async` block: what only the upgrade needs is gone once the session
+    // runs, instead of being kept beside it for the connection's life.
+    tokio::spawn(session_task(on_upgrade, start));
 
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -304,18 +281,89 @@ fn upgrade(node: &Arc<Node>, peer: IpAddr, mut req: Request<Incoming>) -> Respon
     r
 }
 
-/// Bytes the kernel may hold unsent for one connection. Linux's send buffer grows to
-/// megabytes; whatever sits there is beyond reordering, so a small frame written behind
-/// a blob download would wait for all of it to reach the client (seconds on a slow
-/// link). With `TCP_NOTSENT_LOWAT` the socket takes little more than this unsent, and
-/// the rest waits in the outbox, where small frames go first.
+/// The task of one WebSocket connection, from the 101 to its close: the future every
+/// connection's task holds, so its size is paid by every idle connection (see the
+/// `connection_task_size` test).
+fn session_task(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    start: Start,
+) -> impl Future<Output = ()> + Send {
+    on_upgrade.then(move |upgraded| start.session(upgraded))
+}
+
+/// What an accepted upgrade needs to start its session once hyper hands the socket over.
+struct Start {
+    node: Arc<Node>,
+    slots: session::Slots,
+    encoding: Encoding,
+    token: Option<String>,
+    reject: Option<CloseCode>,
+    /// The client's address after trusted proxies; `peer` is the socket's.
+    client: IpAddr,
+    peer: IpAddr,
+}
+
+impl Start {
+    fn session(
+        self,
+        upgraded: hyper::Result<hyper::upgrade::Upgraded>,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        let upgraded = match upgraded {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "upgrade failed");
+                return Either::Left(std::future::ready(()));
+            }
+        };
+        let limits = &self.node.config.transport;
+        // Dropped at once: the bytes hyper read past the request head share its whole
+        // read buffer.
+        let mut fd = None;
+        let ws = {
+            let (socket, already_read) = Socket::from_upgraded(upgraded);
+            if let Socket::Tcp(tcp) = &socket {
+                fd = Some(std::os::fd::AsRawFd::as_raw_fd(tcp));
+            }
+            WebSocket::new(
+                socket,
+                &already_read,
+                limits.max_message_bytes,
+                limits.ws_read_buffer_bytes,
+            )
+        };
+        self.node.metrics.connections_accepted.increment(1);
+        let params = session::Params {
+            encoding: self.encoding,
+            token: self.token,
+            reject: self.reject,
+            peer: self.client,
+            fd,
+            slots: self.slots,
+        };
+        let ctx = self.node.sessions.clone();
+        Either::Right(session::run(ctx, ws, params, NodeMetrics(self.node)))
+    }
+}
+
+/// The node's metrics, held through the node.
+struct NodeMetrics(Arc<Node>);
+
+impl std::ops::Deref for NodeMetrics {
+    type Target = crate::metrics::Metrics;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0.metrics
+    }
+}
+
 /// The socket under an upgraded connection, unwrapped from hyper's `Upgraded` (a boxed
 /// stream behind a buffer) so the WebSocket reads and writes it directly.
 pub enum Socket {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
     /// Any other stream hyper was given (none today).
-    Other(TokioIo<hyper::upgrade::Upgraded>),
+    /// Boxed: every connection's socket is as large as the largest variant.
+    Other(Box<TokioIo<hyper::upgrade::Upgraded>>),
 }
 
 impl Socket {
@@ -327,7 +375,7 @@ impl Socket {
         };
         match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
             Ok(parts) => (Self::Tls(Box::new(parts.io.into_inner())), parts.read_buf),
-            Err(u) => (Self::Other(TokioIo::new(u)), Bytes::new()),
+            Err(u) => (Self::Other(Box::new(TokioIo::new(u))), Bytes::new()),
         }
     }
 }
@@ -341,7 +389,7 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Self::Other(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Other(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -351,7 +399,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, b),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
-            Self::Other(s) => Pin::new(s).poll_write(cx, b),
+            Self::Other(s) => Pin::new(s.as_mut()).poll_write(cx, b),
         }
     }
 
@@ -363,7 +411,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Self::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Other(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -375,7 +423,7 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Self::Other(s) => Pin::new(s).poll_flush(cx),
+            Self::Other(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -383,11 +431,16 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Self::Other(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Other(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
+/// Bytes the kernel may hold unsent for one connection. Linux's send buffer grows to
+/// megabytes; whatever sits there is beyond reordering, so a small frame written behind
+/// a blob download would wait for all of it to reach the client (seconds on a slow
+/// link). With `TCP_NOTSENT_LOWAT` the socket takes little more than this unsent, and
+/// the rest waits in the outbox, where small frames go first.
 const UNSENT_BYTES: libc::c_int = 128 * 1024;
 
 fn limit_unsent(stream: &tokio::net::TcpStream) {
@@ -411,6 +464,19 @@ fn limit_unsent(stream: &tokio::net::TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn size_of_output<A, B, R>(_: fn(A, B) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// What each connection's task holds (printed; `loadtest/memory.sh` measures the
+    /// whole): tokio adds 104 bytes to the future and rounds the cell up to 128.
+    #[test]
+    fn connection_task_size() {
+        let future = size_of_output(session_task);
+        let cell = (future + 104).div_ceil(128) * 128;
+        println!("connection task future {future} B, task cell {cell} B");
+    }
 
     /// Found by the hostile-input sweep: `abc` and an empty key were upgraded.
     #[test]

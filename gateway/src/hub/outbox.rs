@@ -20,10 +20,15 @@
 use super::Stream;
 use broker_proto::CloseCode;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use std::{
     collections::VecDeque,
     os::fd::RawFd,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
 };
 use tokio::sync::Notify;
 
@@ -77,9 +82,9 @@ pub struct Lane {
 
 struct State {
     items: VecDeque<OutItem>,
-    bulk: VecDeque<Bytes>,
+    /// Made at the first blob chunk, gone when drained: most connections never download.
+    bulk: Option<Box<Bulk>>,
     bytes: usize,
-    bulk_bytes: usize,
     close: Option<CloseCode>,
     /// The session is parked and its socket takes writes from the hub.
     armed: bool,
@@ -88,17 +93,23 @@ struct State {
     text: bool,
     lanes: Vec<Lane>,
     /// The rest of a frame the socket took only part of: the session writes it before
-    /// anything else.
-    rest: Option<Bytes>,
+    /// anything else. Boxed: it is rare, and every outbox would pay for its room.
+    rest: Option<Box<Bytes>>,
+}
+
+/// The bulk lane: blob chunks and their bytes (also counted in `State::bytes`).
+#[derive(Default)]
+struct Bulk {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
 }
 
 impl Default for State {
     fn default() -> Self {
         Self {
             items: VecDeque::new(),
-            bulk: VecDeque::new(),
+            bulk: None,
             bytes: 0,
-            bulk_bytes: 0,
             close: None,
             armed: false,
             fd: -1,
@@ -120,6 +131,14 @@ enum Express {
 }
 
 impl State {
+    fn bulk_is_empty(&self) -> bool {
+        self.bulk.is_none()
+    }
+
+    fn bulk_bytes(&self) -> usize {
+        self.bulk.as_ref().map_or(0, |b| b.bytes)
+    }
+
     fn express(&mut self, item: &OutItem) -> Express {
         let Some(lane) = self
             .lanes
@@ -177,7 +196,7 @@ impl State {
         } else {
             rest.extend_from_slice(&frame[n - head_len..]);
         }
-        self.rest = Some(rest.into());
+        self.rest = Some(Box::new(rest.into()));
         self.armed = false;
         Express::Partial(frame.len())
     }
@@ -185,10 +204,16 @@ impl State {
 
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
-    /// Woken when the bulk lane shrinks or a close is requested (its waiters check which;
-    /// one `Notify` for both keeps every connection's outbox smaller).
-    changed: Notify,
+    /// Set by a push or a close request, taken by the session's [`poll_wait`]: a
+    /// permit, as with `Notify::notify_one`, but polled in place, so a parked session
+    /// holds no waiter future (every idle connection would pay for one).
+    ///
+    /// [`poll_wait`]: Self::poll_wait
+    woken: AtomicBool,
+    waker: AtomicWaker,
+    /// Woken when the bulk lane shrinks or a close is requested, for downloads waiting for
+    /// room; made by the first of them (most connections never download).
+    room: OnceLock<Box<Notify>>,
     limit_bytes: usize,
 }
 
@@ -196,8 +221,9 @@ impl Outbox {
     pub fn new(limit_bytes: usize) -> Self {
         Self {
             state: Mutex::default(),
-            notify: Notify::new(),
-            changed: Notify::new(),
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            room: OnceLock::new(),
             limit_bytes,
         }
     }
@@ -211,13 +237,13 @@ impl Outbox {
         if s.close.is_some() {
             return Pushed::Closed;
         }
-        if s.armed && item.kind == ItemKind::Publication && s.items.is_empty() && s.bulk.is_empty()
+        if s.armed && item.kind == ItemKind::Publication && s.items.is_empty() && s.bulk_is_empty()
         {
             match s.express(&item) {
                 Express::Done(bytes) => return Pushed::Written(bytes),
                 Express::Partial(bytes) => {
                     drop(s);
-                    self.notify.notify_one();
+                    self.wake();
                     return Pushed::Written(bytes);
                 }
                 Express::Queue => s.armed = false,
@@ -236,7 +262,7 @@ impl Outbox {
         // Only the push that makes the queue non-empty wakes the session: the session
         // drains everything, so later pushes ride along with that one write.
         if wake {
-            self.notify.notify_one();
+            self.wake();
         }
         Pushed::Queued
     }
@@ -256,7 +282,7 @@ impl Outbox {
             return Pushed::Overflow;
         }
         s.bytes += frame.len();
-        let wake = s.items.is_empty() && s.bulk.is_empty();
+        let wake = s.items.is_empty() && s.bulk_is_empty();
         s.items.push_back(OutItem {
             stream: Stream::none(),
             generation: 0,
@@ -266,7 +292,7 @@ impl Outbox {
         });
         drop(s);
         if wake {
-            self.notify.notify_one();
+            self.wake();
         }
         Pushed::Queued
     }
@@ -283,13 +309,14 @@ impl Outbox {
             self.close(CloseCode::SlowConsumer);
             return Pushed::Overflow;
         }
-        let wake = s.items.is_empty() && s.bulk.is_empty();
+        let wake = s.items.is_empty() && s.bulk_is_empty();
         s.bytes += len;
-        s.bulk_bytes += len;
-        s.bulk.push_back(frame);
+        let bulk = s.bulk.get_or_insert_with(Box::default);
+        bulk.bytes += len;
+        bulk.frames.push_back(frame);
         drop(s);
         if wake {
-            self.notify.notify_one();
+            self.wake();
         }
         Pushed::Queued
     }
@@ -298,10 +325,10 @@ impl Outbox {
     /// closing (check [`Outbox::closing`]).
     pub async fn wait_bulk_room(&self, below: usize) {
         loop {
-            let drained = self.changed.notified();
+            let drained = self.room().notified();
             {
                 let s = self.lock();
-                if s.bulk_bytes < below || s.close.is_some() {
+                if s.bulk_bytes() < below || s.close.is_some() {
                     return;
                 }
             }
@@ -315,20 +342,38 @@ impl Outbox {
         if s.close.is_none() {
             s.close = Some(code);
             drop(s);
-            self.notify.notify_one();
-            self.changed.notify_waiters();
+            self.wake();
+            self.room_changed();
         }
     }
 
-    /// Resolves once a close is requested (at once if it was already).
-    pub async fn closed(&self) {
-        loop {
-            let requested = self.changed.notified();
-            if self.closing().is_some() {
-                return;
-            }
-            requested.await;
+    fn room(&self) -> &Notify {
+        self.room.get_or_init(Box::default)
+    }
+
+    /// Wakes downloads waiting for room, if any ever waited: one that makes the `Notify`
+    /// after this checks the state after making its `notified()`, so it misses nothing.
+    fn room_changed(&self) {
+        if let Some(room) = self.room.get() {
+            room.notify_waiters();
         }
+    }
+
+    /// Resolves once a close is requested (at once if it was already). For the session's
+    /// own task only: it shares the waker [`poll_wait`](Self::poll_wait) registers, and
+    /// leaves that wait's permit in place.
+    pub async fn closed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.closing().is_some() {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            match self.closing() {
+                Some(_) => Poll::Ready(()),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     pub fn closing(&self) -> Option<CloseCode> {
@@ -341,7 +386,7 @@ impl Outbox {
         let mut s = self.lock();
         // Taken, not swapped: an idle connection's outbox keeps no allocation.
         *into = std::mem::take(&mut s.items);
-        s.bytes = s.bulk_bytes;
+        s.bytes = s.bulk_bytes();
         s.close
     }
 
@@ -349,29 +394,54 @@ impl Outbox {
     /// session is woken again so they follow on its next turn.
     pub fn drain_bulk(&self, into: &mut Vec<Bytes>, max_bytes: usize) {
         let mut s = self.lock();
+        let Some(bulk) = s.bulk.as_mut() else {
+            return;
+        };
         let mut taken = 0;
         while taken < max_bytes {
-            let Some(frame) = s.bulk.pop_front() else {
+            let Some(frame) = bulk.frames.pop_front() else {
                 break;
             };
             taken += frame.len();
             into.push(frame);
         }
-        s.bulk_bytes -= taken;
+        bulk.bytes -= taken;
+        let more = !bulk.frames.is_empty();
+        if !more {
+            s.bulk = None;
+        }
         s.bytes -= taken;
-        let more = !s.bulk.is_empty();
         drop(s);
         if taken > 0 {
-            self.changed.notify_waiters();
+            self.room_changed();
         }
         if more {
-            self.notify.notify_one();
+            self.wake();
         }
+    }
+
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready when something was pushed or a close was requested since the last time it
+    /// was ready; otherwise the task is woken at the next push.
+    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A push between the check and the registration woke the old waker, if any.
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     /// Resolves when something was pushed or a close was requested.
     pub async fn wait(&self) {
-        self.notify.notified().await
+        std::future::poll_fn(|cx| self.poll_wait(cx)).await
     }
 
     /// Gives the hub the connection's socket for direct writes (plain TCP only). The
@@ -395,7 +465,7 @@ impl Outbox {
     /// there is queued work, a close, or no socket.
     pub fn arm(&self, lanes: impl Iterator<Item = Lane>, most: usize) -> bool {
         let mut s = self.lock();
-        if s.fd < 0 || s.close.is_some() || !s.items.is_empty() || !s.bulk.is_empty() {
+        if s.fd < 0 || s.close.is_some() || !s.items.is_empty() || !s.bulk_is_empty() {
             return false;
         }
         s.lanes.clear();
@@ -415,7 +485,7 @@ impl Outbox {
         for lane in &s.lanes {
             advanced(lane);
         }
-        s.rest.take()
+        s.rest.take().map(|rest| *rest)
     }
 }
 

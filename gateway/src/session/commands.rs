@@ -207,9 +207,9 @@ impl SessionCore {
                     CloseCode::RateLimited,
                 ));
             };
-            self.user_slot = Some(slot);
+            self.user_slot = Some(Box::new(slot));
         }
-        self.identity = Some(identity);
+        self.identity = Some(Box::new(identity));
         if fresh {
             self.ctx
                 .hub
@@ -232,7 +232,7 @@ impl SessionCore {
                 metrics::rejected("per_user");
                 return Some(CloseCode::RateLimited);
             };
-            self.user_slot = Some(slot);
+            self.user_slot = Some(Box::new(slot));
         }
         self.register();
         if self.identity.as_ref().is_none_or(|i| i.channels.is_empty()) {
@@ -252,7 +252,7 @@ impl SessionCore {
                 None
             }
             Err(e) => {
-                tracing::info!(client = %self.client, error = %e.message, "server-side subscriptions failed");
+                tracing::info!(client = %self.client_id(), error = %e.message, "server-side subscriptions failed");
                 let (error, close) = super::core::wire_error(e);
                 self.push_frame(&broker_proto::v1::ServerFrame {
                     id: 0,
@@ -267,7 +267,7 @@ impl SessionCore {
     pub(super) fn connect_result(&self, subscriptions: Vec<SubscribeResult>) -> ConnectResult {
         let config = &self.ctx.config;
         ConnectResult {
-            client: self.client.clone(),
+            client: self.client_id(),
             node: self.ctx.node_id.clone(),
             ping_interval_ms: u32::try_from(config.ping_interval.as_millis()).unwrap_or(u32::MAX),
             max_message_bytes: u32::try_from(config.max_message_bytes).unwrap_or(u32::MAX),
@@ -429,7 +429,7 @@ impl SessionCore {
             seen: None,
             write_delay_ms: options.write_delay_ms,
         });
-        self.read_permits.extend(permit);
+        self.permits.extend(permit);
         Ok(result)
     }
 
@@ -568,7 +568,7 @@ impl SessionCore {
                 Limit::Page(request.limit),
             )
             .await?;
-        self.read_permits.push(permit);
+        self.permits.push(permit);
         Ok(Body::History(HistoryResult {
             epoch: page.position.epoch,
             offset: page.position.offset,

@@ -49,161 +49,192 @@ enum Event {
 }
 
 /// Serves the session until it ends; the caller then closes with the exit code.
-pub async fn serve<S>(core: &mut SessionCore, ws: &mut WebSocket<S>, metrics: &Metrics) -> Exit
+///
+/// Not an `async fn`, for the reason given at [`super::run`]: the arguments would be kept
+/// twice in every parked connection's task.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<'a, S>(
+    core: &'a mut SessionCore,
+    ws: &'a mut WebSocket<S>,
+    metrics: &'a Metrics,
+) -> impl Future<Output = Exit> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let outbox = core.outbox().clone();
-    let grace = core.ctx.config.write_timeout;
-    let mut outbox_streak = 0u32;
-    let mut pending = Vec::new();
-    let mut deadline = core.next_deadline();
-    let sleep = tokio::time::sleep_until(deadline.into());
-    tokio::pin!(sleep);
-    // Set while the client is over `bytes_per_second`: the socket is not read until then.
-    let mut paused_until: Option<std::time::Instant> = None;
-    // Set while publications wait for a namespace's `write_delay_ms`, to go out together.
-    let mut hold_until: Option<std::time::Instant> = None;
-    loop {
-        // Commands left from the last message run first; the socket is not read until
-        // they are done.
-        if core.has_deferred() {
-            if let Some(code) = Box::pin(core.resume()).await {
-                return Exit::Close(code);
-            }
-        } else {
-            let now = tokio::time::Instant::now().into_std();
-            if paused_until.is_some_and(|t| t <= now) {
-                paused_until = None;
-            }
-            let reading = paused_until.is_none();
-            let next = paused_until.map_or(core.next_deadline(), |t| t.min(core.next_deadline()));
-            let next = hold_until.map_or(next, |h| h.min(next));
-            if next != deadline {
-                deadline = next;
-                sleep.as_mut().reset(deadline.into());
-            }
-            // Given back while waiting (a turn's messages were written): an idle
-            // connection keeps no output list.
-            pending = Vec::new();
-            // Parked with nothing to write: the hub writes publications itself until
-            // something wakes the session.
-            let armed = ws.idle_for_writes() && core.arm();
-            let event = if outbox_streak >= OUTBOX_STREAK {
-                tokio::select! {
-                    biased;
-                    m = ws.next(), if reading => Event::Message(m),
-                    _ = outbox.wait() => Event::Outbox,
-                    _ = &mut sleep => Event::Deadline,
+    async move {
+        let mut outbox_streak = 0u32;
+        let sleep = tokio::time::sleep_until(core.next_deadline().into());
+        tokio::pin!(sleep);
+        // Set while the client is over `bytes_per_second`: the socket is not read until then.
+        let mut paused_until: Option<std::time::Instant> = None;
+        // Set while publications wait for a namespace's `write_delay_ms`, to go out together.
+        let mut hold_until: Option<std::time::Instant> = None;
+        loop {
+            // Commands left from the last message run first; the socket is not read until
+            // they are done.
+            if core.has_deferred() {
+                if let Some(code) = Box::pin(core.resume()).await {
+                    return Exit::Close(code);
                 }
             } else {
-                tokio::select! {
-                    biased;
-                    _ = outbox.wait() => Event::Outbox,
-                    m = ws.next(), if reading => Event::Message(m),
-                    _ = &mut sleep => Event::Deadline,
-                }
-            };
-            if armed && let Some(rest) = core.disarm() {
-                ws.push_front_raw(rest);
-            }
-            if matches!(event, Event::Outbox) && hold_until.is_none() {
-                let delay = core.write_delay();
-                if !delay.is_zero() {
-                    // Later pushes join the queue without waking the session.
-                    hold_until = Some(std::time::Instant::now() + delay);
-                    continue;
-                }
-            }
-            outbox_streak = match event {
-                Event::Outbox => outbox_streak + 1,
-                _ => 0,
-            };
-            if let Event::Message(message) = event {
-                let now = tokio::time::Instant::now().into_std();
-                core.heard(now);
-                if let Some(Ok(m)) = &message
-                    && let Some(wait) = core.charge_read(m.len(), now)
+                // Scoped in a block: a local still in scope at an await below would be kept
+                // in the task, and every parked connection would pay for it.
                 {
-                    crate::metrics::read_throttled(wait);
-                    paused_until = Some(now + wait);
-                }
-                match message {
-                    // The echo of the client's close is queued: send it.
-                    Some(Ok(Incoming::Close(_))) => {
-                        let _ = tokio::time::timeout(CLOSE_LINGER, ws.flush()).await;
-                        return Exit::Gone;
+                    let now = tokio::time::Instant::now().into_std();
+                    if paused_until.is_some_and(|t| t <= now) {
+                        paused_until = None;
                     }
-                    Some(Ok(message)) => {
-                        if let Some(exit) = on_message(core, message).await {
-                            return exit;
+                    let next = core.next_deadline();
+                    let next = paused_until.map_or(next, |t| t.min(next));
+                    let next = hold_until.map_or(next, |h| h.min(next));
+                    if tokio::time::Instant::from_std(next) != sleep.deadline() {
+                        sleep.as_mut().reset(next.into());
+                    }
+                }
+                let reading = paused_until.is_none();
+                // Parked with nothing to write: the hub writes publications itself until
+                // something wakes the session.
+                let armed = ws.idle_for_writes() && core.arm();
+                // Polled in place rather than through `select!`: no waiter or branch futures
+                // are kept in the task while it is parked.
+                let client_first = outbox_streak >= OUTBOX_STREAK;
+                let outbox = core.outbox();
+                let event = std::future::poll_fn(|cx| {
+                    if client_first
+                        && reading
+                        && let Poll::Ready(m) = ws.poll_next(cx)
+                    {
+                        return Poll::Ready(Event::Message(m));
+                    }
+                    if outbox.poll_wait(cx).is_ready() {
+                        return Poll::Ready(Event::Outbox);
+                    }
+                    if !client_first
+                        && reading
+                        && let Poll::Ready(m) = ws.poll_next(cx)
+                    {
+                        return Poll::Ready(Event::Message(m));
+                    }
+                    match sleep.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Event::Deadline),
+                        Poll::Pending => Poll::Pending,
+                    }
+                })
+                .await;
+                if armed && let Some(rest) = core.disarm() {
+                    ws.push_front_raw(rest);
+                }
+                if matches!(event, Event::Outbox) && hold_until.is_none() {
+                    let delay = core.write_delay();
+                    if !delay.is_zero() {
+                        // Later pushes join the queue without waking the session.
+                        hold_until = Some(std::time::Instant::now() + delay);
+                        continue;
+                    }
+                }
+                outbox_streak = match event {
+                    Event::Outbox => outbox_streak + 1,
+                    _ => 0,
+                };
+                // Only the payload is kept while the core handles it (see the block above).
+                let payload = match event {
+                    Event::Message(message) => {
+                        let now = tokio::time::Instant::now().into_std();
+                        core.heard(now);
+                        if let Some(Ok(m)) = &message
+                            && let Some(wait) = core.charge_read(m.len(), now)
+                        {
+                            crate::metrics::read_throttled(wait);
+                            paused_until = Some(now + wait);
+                        }
+                        match message {
+                            // The echo of the client's close is queued: sent after the loop.
+                            Some(Ok(Incoming::Close(_))) => break,
+                            Some(Ok(message)) => match payload(core.encoding(), message) {
+                                Ok(payload) => payload,
+                                Err(exit) => return exit,
+                            },
+                            Some(Err(e)) => return exit_for(e),
+                            None => return Exit::Gone,
                         }
                     }
-                    Some(Err(e)) => return exit_for(e),
-                    None => return Exit::Gone,
-                }
-            }
-            match core.on_timer(tokio::time::Instant::now().into_std()) {
-                Tick::Nothing => {}
-                Tick::Close(code) => return Exit::Close(code),
-                // Written with this turn's output.
-                Tick::Ping => ws.send_ping(),
-            }
-        }
-        let close = core.take_output(&mut pending);
-        if close == Some(CloseCode::SlowConsumer) {
-            // Its queue overflowed: what is queued would only wait behind what the
-            // client is not reading. It recovers it after reconnecting.
-            pending.clear();
-        }
-        let bytes: usize = pending.iter().map(Bytes::len).sum();
-        // The common case: the socket takes everything at once, with no timer and no
-        // allocation. Otherwise the rest is queued in `ws` and finished, bounded in time,
-        // off the task's resting size.
-        let messages = pending.len() as u64;
-        let json = core.encoding() == Encoding::Json;
-        let first =
-            std::future::poll_fn(|cx| Poll::Ready(ws.poll_send_all(cx, json, &mut pending)));
-        match first.await {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(_)) => return Exit::Gone,
-            Poll::Pending => {
-                let unsent = match close {
-                    None => ws.unsent_bytes(),
-                    Some(_) => 0,
+                    Event::Outbox | Event::Deadline => None,
                 };
-                if let Some(exit) = Box::pin(finish_write(ws, &outbox, close, grace, unsent)).await
+                // Boxed: a command's future is large and live only briefly, and the
+                // connection task's size is paid by every idle connection.
+                if let Some(payload) = payload
+                    && let Some(code) = Box::pin(core.on_payload(payload)).await
                 {
-                    return exit;
+                    return Exit::Close(code);
+                }
+                match core.on_timer(tokio::time::Instant::now().into_std()) {
+                    Tick::Nothing => {}
+                    Tick::Close(code) => return Exit::Close(code),
+                    // Written with this turn's output.
+                    Tick::Ping => ws.send_ping(),
                 }
             }
+            // Made each turn: a parked connection keeps no output list.
+            let mut pending = Vec::new();
+            let close = core.take_output(&mut pending);
+            if close == Some(CloseCode::SlowConsumer) {
+                // Its queue overflowed: what is queued would only wait behind what the
+                // client is not reading. It recovers it after reconnecting.
+                pending.clear();
+            }
+            let bytes: usize = pending.iter().map(Bytes::len).sum();
+            // The common case: the socket takes everything at once, with no timer and no
+            // allocation. Otherwise the rest is queued in `ws` and finished, bounded in time,
+            // off the task's resting size.
+            let messages = pending.len() as u64;
+            let json = core.encoding() == Encoding::Json;
+            let first =
+                std::future::poll_fn(|cx| Poll::Ready(ws.poll_send_all(cx, json, &mut pending)));
+            match first.await {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Exit::Gone,
+                Poll::Pending => {
+                    let unsent = match close {
+                        None => ws.unsent_bytes(),
+                        Some(_) => 0,
+                    };
+                    let grace = core.ctx.config.write_timeout;
+                    let outbox = core.outbox();
+                    if let Some(exit) =
+                        Box::pin(finish_write(ws, outbox, close, grace, unsent)).await
+                    {
+                        return exit;
+                    }
+                }
+            }
+            if messages > 0 {
+                metrics.ws_messages_sent.increment(messages);
+                metrics.ws_bytes_sent.increment(bytes as u64);
+            }
+            core.written();
+            hold_until = None;
+            if let Some(code) = close {
+                return Exit::Close(code);
+            }
         }
-        if messages > 0 {
-            metrics.ws_messages_sent.increment(messages);
-            metrics.ws_bytes_sent.increment(bytes as u64);
-        }
-        core.written();
-        hold_until = None;
-        if let Some(code) = close {
-            return Exit::Close(code);
-        }
+        // The client closed: its close's echo is queued.
+        let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, ws.flush())).await;
+        Exit::Gone
     }
 }
 
-/// Hands one WebSocket message to the core; `Some` ends the session.
-async fn on_message(core: &mut SessionCore, message: Incoming) -> Option<Exit> {
-    let payload = match (message, core.encoding()) {
-        (Incoming::Binary(b), Encoding::Proto) | (Incoming::Text(b), Encoding::Json) => b,
+/// The payload of a WebSocket message for the core, if it carries one; `Err` ends the
+/// session.
+fn payload(encoding: Encoding, message: Incoming) -> Result<Option<Bytes>, Exit> {
+    match (message, encoding) {
+        (Incoming::Binary(b), Encoding::Proto) | (Incoming::Text(b), Encoding::Json) => Ok(Some(b)),
         (Incoming::Binary(_) | Incoming::Text(_), _) => {
-            return Some(Exit::Close(CloseCode::UnsupportedData));
+            Err(Exit::Close(CloseCode::UnsupportedData))
         }
         // `serve` handles the peer's close; pings are answered by the socket.
-        (Incoming::Close(_), _) => return Some(Exit::Gone),
-        (Incoming::Ping(_) | Incoming::Pong(_), _) => return None,
-    };
-    // Boxed: a command's future is large and live only briefly, and the connection
-    // task's size is paid by every idle connection.
-    Box::pin(core.on_payload(payload)).await.map(Exit::Close)
+        (Incoming::Close(_), _) => Err(Exit::Gone),
+        (Incoming::Ping(_) | Incoming::Pong(_), _) => Ok(None),
+    }
 }
 
 struct Stalled;

@@ -64,8 +64,13 @@ impl Context {
     }
 
     /// A fresh session id and the client id shown to others (unique across nodes).
-    pub fn next_session(&self) -> (SessionId, String) {
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        (id, format!("{}-{id}", self.client_prefix))
+    pub fn next_session(&self) -> SessionId {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The client id of session `id`, as clients and presence see it: made when needed
+    /// rather than kept by every connection.
+    pub fn client_id(&self, id: SessionId) -> String {
+        format!("{}-{id}", self.client_prefix)
     }
 }

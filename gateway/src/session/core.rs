@@ -15,10 +15,7 @@ use crate::{
     auth::Identity,
     blobs::upload::{Limits as UploadLimits, Uploads},
     error::CommandError,
-    hub::{
-        SessionId,
-        outbox::{OutItem, Outbox},
-    },
+    hub::{SessionId, outbox::Outbox},
     metrics,
 };
 use broker_proto::{
@@ -61,13 +58,14 @@ pub(super) struct Media {
 pub struct SessionCore {
     pub(super) ctx: Arc<Context>,
     pub(super) id: SessionId,
-    pub(super) client: String,
     /// The display name given in `Connect` (shown in presence, Join and Leave).
     pub(super) name: String,
     pub(super) encoding: Encoding,
-    pub(super) identity: Option<Identity>,
+    /// Boxed, as is the slot: most connections have neither, and every idle connection
+    /// would pay for their room.
+    pub(super) identity: Option<Box<Identity>>,
     /// Counts this connection against its user's limit while it lasts.
-    pub(super) user_slot: Option<crate::peers::UserSlot>,
+    pub(super) user_slot: Option<Box<crate::peers::UserSlot>>,
     pub(super) connected: bool,
     pub(super) outbox: Arc<Outbox>,
     pub(super) subscriptions: Subscriptions,
@@ -76,21 +74,19 @@ pub struct SessionCore {
     media: Option<Box<Media>>,
     /// Publishes answered off this task (made at the first one).
     pub(super) pipeline: Option<Arc<super::pipeline::Pipeline>>,
-    bulk: Vec<Bytes>,
     /// History permits of pages replied to in this turn, then while they are written.
-    pub(super) read_permits: Vec<crate::channels::ReadPermit>,
-    writing_permits: Vec<crate::channels::ReadPermit>,
+    /// One list for both: those of pages being written come first (`writing` of them).
+    pub(super) permits: Vec<crate::channels::ReadPermit>,
+    writing: u32,
     /// Commands of a message left for the next turn: a session holds at most one
     /// history page's permit at a time, so the rest wait until that page is written
     /// (never waiting for a permit while holding one: no deadlock between sessions).
     deferred: VecDeque<ClientFrame>,
     /// Replies and per-session pushes waiting for the next write, already packed.
     replies: Batch,
-    drained: VecDeque<OutItem>,
     bucket: TokenBucket,
     bytes_in: ByteBucket,
     strikes: u32,
-    limits: Limits,
     last_heard: Instant,
     next_ping: Instant,
 }
@@ -103,33 +99,26 @@ impl SessionCore {
         identity: Option<Identity>,
         now: Instant,
     ) -> Self {
-        let (id, client) = ctx.next_session();
+        let id = ctx.next_session();
         let config = &ctx.config;
         let outbox = Arc::new(Outbox::new(config.outbound_queue_bytes));
         Self {
             id,
-            client,
             encoding,
-            identity,
+            identity: identity.map(Box::new),
             user_slot: None,
             connected: false,
             name: String::new(),
             subscriptions: Subscriptions::default(),
             media: None,
             pipeline: None,
-            bulk: Vec::new(),
-            read_permits: Vec::new(),
-            writing_permits: Vec::new(),
+            permits: Vec::new(),
+            writing: 0,
             deferred: VecDeque::new(),
             replies: Batch::new(encoding, 0),
-            drained: VecDeque::new(),
-            bucket: TokenBucket::new(config.commands_per_second, config.command_burst, now),
+            bucket: TokenBucket::new(config.command_burst, now),
             bytes_in: ByteBucket::new(config.bytes_per_second, config.bytes_burst, now),
             strikes: 0,
-            limits: Limits {
-                max_frames_per_message: config.max_frames_per_message,
-                max_frame_bytes: config.max_message_bytes,
-            },
             last_heard: now,
             next_ping: now + config.ping_interval,
             outbox,
@@ -192,8 +181,8 @@ impl SessionCore {
         self.encoding
     }
 
-    pub fn client_id(&self) -> &str {
-        &self.client
+    pub fn client_id(&self) -> String {
+        self.ctx.client_id(self.id)
     }
 
     pub(super) fn user(&self) -> &str {
@@ -203,7 +192,7 @@ impl SessionCore {
     pub(super) fn info(&self) -> ClientInfo {
         ClientInfo {
             user: self.user().to_owned(),
-            client: self.client.clone(),
+            client: self.client_id(),
             name: self.name.clone(),
         }
     }
@@ -216,7 +205,9 @@ impl SessionCore {
     /// Counts `bytes` read from the client against `bytes_per_second`; when over, how
     /// long the connection must not read (TCP then slows the sender).
     pub fn charge_read(&mut self, bytes: usize, now: Instant) -> Option<std::time::Duration> {
-        self.bytes_in.charge(bytes, now)
+        let config = &self.ctx.config;
+        self.bytes_in
+            .charge(bytes, now, config.bytes_per_second, config.bytes_burst)
     }
 
     /// When [`Self::on_timer`] has something to do next.
@@ -276,12 +267,16 @@ impl SessionCore {
 
     /// One WebSocket message from the client in the negotiated encoding; `Some` closes.
     pub async fn on_payload(&mut self, payload: Bytes) -> Option<CloseCode> {
-        let frames: Vec<ClientFrame> = match decode_frames(self.encoding, payload, &self.limits) {
+        let limits = Limits {
+            max_frames_per_message: self.ctx.config.max_frames_per_message,
+            max_frame_bytes: self.ctx.config.max_message_bytes,
+        };
+        let frames: Vec<ClientFrame> = match decode_frames(self.encoding, payload, &limits) {
             Ok(frames) => frames,
             Err(DecodeError::Empty) => return None,
             Err(e) if e.is_size() => return Some(CloseCode::MessageTooBig),
             Err(e) => {
-                tracing::debug!(client = %self.client, error = %e, "undecodable frame");
+                tracing::debug!(client = %self.client_id(), error = %e, "undecodable frame");
                 return Some(CloseCode::InvalidPayload);
             }
         };
@@ -298,7 +293,7 @@ impl SessionCore {
     /// one already; `Some` closes.
     pub async fn resume(&mut self) -> Option<CloseCode> {
         while let Some(frame) = self.deferred.pop_front() {
-            if !self.read_permits.is_empty() && reads_history(&frame) {
+            if self.holds_read_permit() && reads_history(&frame) {
                 self.deferred.push_front(frame);
                 return None;
             }
@@ -314,13 +309,26 @@ impl SessionCore {
 
     /// The last write has finished: the history pages it carried are gone.
     pub fn written(&mut self) {
-        self.writing_permits.clear();
+        if self.writing > 0 {
+            self.permits.drain(..self.writing as usize);
+            self.writing = 0;
+            if self.permits.is_empty() {
+                self.permits = Vec::new();
+            }
+        }
+    }
+
+    /// Whether a page replied to in this turn holds a history permit.
+    fn holds_read_permit(&self) -> bool {
+        self.permits.len() > self.writing as usize
     }
 
     /// Runs one command (rate-limited) and queues its reply; `Some` closes.
     async fn handle(&mut self, frame: ClientFrame) -> Option<CloseCode> {
         let id = frame.id;
-        if !self.bucket.take(self.ctx.clock.now()) {
+        let config = &self.ctx.config;
+        let (rate, burst) = (config.commands_per_second, config.command_burst);
+        if !self.bucket.take(self.ctx.clock.now(), rate, burst) {
             self.strikes += 1;
             if self.strikes >= self.ctx.config.rate_limit_strikes {
                 return Some(CloseCode::RateLimited);
@@ -379,21 +387,22 @@ impl SessionCore {
     /// should get. Returns a close the outbox asked for (slow consumer, drain, API).
     pub fn take_output(&mut self, out: &mut Vec<Bytes>) -> Option<CloseCode> {
         // This turn's history pages are held until their write has finished.
-        self.writing_permits.append(&mut self.read_permits);
-        let close = self.outbox.drain(&mut self.drained);
-        self.outbox.drain_bulk(&mut self.bulk, BULK_PER_TURN);
-        if self.replies.is_empty() && self.bulk.is_empty() && self.drained.len() == 1 {
+        self.writing = self.permits.len() as u32;
+        // Locals, not fields: an idle connection keeps no lists.
+        let mut drained = VecDeque::new();
+        let mut bulk = Vec::new();
+        let close = self.outbox.drain(&mut drained);
+        self.outbox.drain_bulk(&mut bulk, BULK_PER_TURN);
+        if self.replies.is_empty() && bulk.is_empty() && drained.len() == 1 {
             // One delivery, the common case at low rates: its frame goes out as it is,
             // shared with every other recipient, without a copy.
-            let item = std::mem::take(&mut self.drained)
-                .pop_front()
-                .expect("one item");
+            let item = drained.pop_front().expect("one item");
             if self.subscriptions.admit(&item) == Admit::Deliver {
                 out.push(item.frame);
             }
             return close;
         }
-        for item in std::mem::take(&mut self.drained) {
+        for item in drained {
             if self.subscriptions.admit(&item) == Admit::Skip {
                 continue;
             }
@@ -402,7 +411,7 @@ impl SessionCore {
             }
             self.replies.push(&item.frame);
         }
-        for frame in self.bulk.drain(..) {
+        for frame in bulk {
             if !self.replies.is_empty() && self.replies.len() + frame.len() > MAX_BATCH_BYTES {
                 out.push(self.replies.take());
             }

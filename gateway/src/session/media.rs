@@ -298,7 +298,7 @@ impl SessionCore {
             )
         })?;
         let (outbox, encoding) = (self.outbox.clone(), self.encoding);
-        let (user, client) = (self.user().to_owned(), self.client.clone());
+        let (user, client) = (self.user().to_owned(), self.client_id());
         tokio::spawn(async move {
             let _slot = slot;
             let result = rpc

@@ -65,7 +65,8 @@ pub struct Subscriptions {
 #[derive(Debug)]
 enum Map {
     Few(Vec<Subscription>),
-    Many(HashMap<Arc<str>, Subscription>),
+    /// Boxed: the map is as large as its largest variant in every connection.
+    Many(Box<HashMap<Arc<str>, Subscription>>),
 }
 
 const FEW: usize = 8;
@@ -112,7 +113,7 @@ impl Map {
                         .map(|s| (s.channel.shared().clone(), s))
                         .collect();
                     m.insert(sub.channel.shared().clone(), sub);
-                    *self = Self::Many(m);
+                    *self = Self::Many(Box::new(m));
                 }
             }
             Self::Many(m) => {

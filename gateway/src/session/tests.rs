@@ -389,6 +389,7 @@ async fn a_flood_of_deliveries_does_not_hold_up_a_clients_commands() {
             reject: None,
             peer: std::net::Ipv4Addr::LOCALHOST.into(),
             fd: None,
+            slots: (None, None),
         };
         super::run(ctx, ws, params, &Metrics::detached()).await;
     });
@@ -427,6 +428,7 @@ async fn session_sizes() {
         reject: None,
         peer: std::net::Ipv4Addr::LOCALHOST.into(),
         fd: None,
+        slots: (None, None),
     };
     let metrics = Metrics::detached();
     {
@@ -447,5 +449,24 @@ async fn session_sizes() {
         std::mem::size_of_val(&run),
         std::mem::size_of::<SessionCore>(),
         std::mem::size_of::<crate::ws::WebSocket<tokio::net::TcpStream>>(),
+    );
+    println!(
+        "Sleep {} Notified {} Identity {} Subscriptions {} Batch {} TokenBucket {} ByteBucket {} Decoder {} Socket {} OptUserSlot {} Limits {} VecDeque {}",
+        std::mem::size_of::<tokio::time::Sleep>(),
+        std::mem::size_of::<tokio::sync::futures::Notified<'static>>(),
+        std::mem::size_of::<Option<crate::auth::Identity>>(),
+        std::mem::size_of::<super::subscriptions::Subscriptions>(),
+        std::mem::size_of::<broker_proto::Batch>(),
+        std::mem::size_of::<super::rate::TokenBucket>(),
+        std::mem::size_of::<super::rate::ByteBucket>(),
+        std::mem::size_of::<crate::ws::decode::Decoder>(),
+        std::mem::size_of::<crate::transport::Socket>(),
+        std::mem::size_of::<Option<crate::peers::UserSlot>>(),
+        std::mem::size_of::<broker_proto::Limits>(),
+        std::mem::size_of::<std::collections::VecDeque<u8>>(),
+    );
+    println!(
+        "Outbox {} B",
+        std::mem::size_of::<crate::hub::outbox::Outbox>(),
     );
 }

@@ -108,17 +108,17 @@ pub struct WebSocket<S> {
     /// Decoded from the last read and not yet taken.
     ready: VecDeque<Incoming>,
     /// An error found after the messages in `ready`; reported after them.
-    failed: Option<FrameError>,
+    failed: Option<Box<FrameError>>,
     /// The socket is done for reading (end of stream, an error, or a close frame).
     eof: bool,
     /// Frames the socket has not taken yet, oldest first. Empty (unallocated) while the
     /// client keeps up.
     out: VecDeque<Chunk>,
     /// The answer to the latest ping, sent with the next write.
-    pong: Option<Bytes>,
+    pong: Option<Box<Bytes>>,
     state: State,
     /// Bytes read per read call at most.
-    read_bytes: usize,
+    read_bytes: u32,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
@@ -134,7 +134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             out: VecDeque::new(),
             pong: None,
             state: State::Open,
-            read_bytes: read_bytes.max(256),
+            read_bytes: read_bytes.clamp(256, u32::MAX as usize) as u32,
         };
         if !already_read.is_empty() {
             ws.decode(&mut already_read.to_vec());
@@ -179,16 +179,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             }
             if let Some(e) = self.failed.take() {
                 self.eof = true;
-                return Poll::Ready(Some(Err(e.into())));
+                return Poll::Ready(Some(Err((*e).into())));
             }
             if self.eof {
                 return Poll::Ready(None);
             }
             let read = READ_BUF.with_borrow_mut(|buf| {
-                if buf.len() < self.read_bytes {
-                    buf.resize(self.read_bytes, 0);
+                let read_bytes = self.read_bytes as usize;
+                if buf.len() < read_bytes {
+                    buf.resize(read_bytes, 0);
                 }
-                let mut rb = ReadBuf::new(&mut buf[..self.read_bytes]);
+                let mut rb = ReadBuf::new(&mut buf[..read_bytes]);
                 ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
                 let n = rb.filled().len();
                 if n > 0 {
@@ -212,7 +213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         let mut closed = false;
         let result = self.decoder.feed(bytes, &mut |m| {
             match &m {
-                Incoming::Ping(p) if *state == State::Open => *pong = Some(p.clone()),
+                Incoming::Ping(p) if *state == State::Open => *pong = Some(Box::new(p.clone())),
                 Incoming::Close(_) => closed = true,
                 _ => {}
             }
@@ -222,7 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             self.eof = true;
         }
         if let Err(e) = result {
-            self.failed = Some(e);
+            self.failed = Some(Box::new(e));
         }
     }
 
@@ -306,7 +307,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         if let Some(p) = self.pong.take()
             && self.state == State::Open
         {
-            self.out.push_back(Chunk::new(OP_PONG, p));
+            self.out.push_back(Chunk::new(OP_PONG, *p));
         }
     }
 
