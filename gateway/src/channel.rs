@@ -15,8 +15,9 @@ pub fn is_name_byte(b: u8) -> bool {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelName {
     full: Arc<str>,
-    /// Byte index of the `:` separating namespace and name, if any.
-    colon: Option<usize>,
+    /// Byte index of the `:` separating namespace and name, if any (a name is at most
+    /// [`MAX_LEN`] bytes, so it fits a byte: many structures hold a name).
+    colon: Option<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,9 +44,10 @@ impl ChannelName {
         {
             return Err(ChannelError::EmptyPart);
         }
+        const { assert!(MAX_LEN <= u8::MAX as usize + 1) };
         Ok(Self {
             full: s.into(),
-            colon,
+            colon: colon.map(|i| i as u8),
         })
     }
 
@@ -57,10 +59,22 @@ impl ChannelName {
         &self.full
     }
 
+    /// The same name held in `full` (the same text), to share one allocation.
+    pub fn sharing(self, full: Arc<str>) -> Self {
+        debug_assert_eq!(*full, *self.full);
+        if *full != *self.full {
+            return self;
+        }
+        Self {
+            full,
+            colon: self.colon,
+        }
+    }
+
     /// The namespace whose options apply: the part before the first `:`, or `default`.
     pub fn namespace(&self) -> &str {
         match self.colon {
-            Some(i) => &self.full[..i],
+            Some(i) => &self.full[..usize::from(i)],
             None => "default",
         }
     }
@@ -68,7 +82,7 @@ impl ChannelName {
     /// The part after the namespace.
     pub fn name(&self) -> &str {
         match self.colon {
-            Some(i) => &self.full[i + 1..],
+            Some(i) => &self.full[usize::from(i) + 1..],
             None => &self.full,
         }
     }

@@ -64,7 +64,8 @@ struct Channel {
 type Shard = HashMap<Arc<str>, Channel>;
 
 struct LiveSession {
-    user: String,
+    /// `None` for anonymous sessions: one table entry per connection, kept small.
+    user: Option<Box<str>>,
     outbox: Arc<Outbox>,
 }
 
@@ -133,6 +134,7 @@ impl Hub {
     /// Registers a live session (or updates its user after `connect`).
     pub fn register(&self, id: SessionId, user: String, outbox: Arc<Outbox>) {
         let mut sessions = self.sessions();
+        let user = (!user.is_empty()).then(|| user.into_boxed_str());
         sessions.insert(id, LiveSession { user, outbox });
         self.metrics.connections.set(sessions.len() as f64);
     }
@@ -160,7 +162,9 @@ impl Hub {
     /// Closes every connection of `user` on this node; returns how many.
     pub fn disconnect_user(&self, user: &str, code: CloseCode) -> usize {
         let sessions = self.sessions();
-        let matching = sessions.values().filter(|s| s.user == user);
+        let matching = sessions
+            .values()
+            .filter(|s| s.user.as_deref().unwrap_or("") == user);
         matching.map(|s| s.outbox.close(code)).count()
     }
 
@@ -189,6 +193,14 @@ impl Hub {
         } else {
             Membership::Changed
         }
+    }
+
+    /// The channel's name as the hub holds it, for a subscriber to share rather than keep
+    /// its own copy (one fewer allocation per subscription).
+    pub fn shared_name(&self, channel: &str) -> Option<Arc<str>> {
+        self.shard(channel)
+            .get_key_value(channel)
+            .map(|(name, _)| name.clone())
     }
 
     pub fn unsubscribe(&self, channel: &str, session: SessionId) -> Membership {

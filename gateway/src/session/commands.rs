@@ -388,6 +388,11 @@ impl SessionCore {
             outbox: self.outbox.clone(),
         };
         ctx.hub.subscribe(channel.shared(), subscriber);
+        // Kept by the subscription for its life: the hub's copy of the name, not ours.
+        let channel = match ctx.hub.shared_name(channel.as_str()) {
+            Some(shared) => channel.sharing(shared),
+            None => channel,
+        };
         // Resolves once the node's broker subscription delivers, so no session reads
         // history before live delivery is on.
         if let Err(e) = ctx.channels.subscribe(&channel).await {

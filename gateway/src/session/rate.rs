@@ -91,8 +91,14 @@ mod tests {
         let t = Instant::now();
         let mut b = ByteBucket::new(1000, 2000, t);
         assert_eq!(b.charge(1500, t, 1000, 2000), None);
-        assert_eq!(b.charge(1000, t, 1000, 2000), Some(Duration::from_millis(500)));
-        assert_eq!(b.charge(0, t + Duration::from_millis(500), 1000, 2000), None);
+        assert_eq!(
+            b.charge(1000, t, 1000, 2000),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            b.charge(0, t + Duration::from_millis(500), 1000, 2000),
+            None
+        );
         let mut unbounded = ByteBucket::new(0, 0, t);
         assert_eq!(unbounded.charge(usize::MAX, t, 0, 0), None);
     }

@@ -35,9 +35,27 @@ const SHARDS: usize = 32;
 #[derive(Default)]
 struct Shard {
     logs: HashMap<ChannelName, ChannelLog>,
-    presence: HashMap<ChannelName, HashMap<String, ClientInfo>>,
+    presence: HashMap<ChannelName, HashMap<Box<str>, Member>>,
     /// Local subscriptions per channel (sessions that called `subscribe`).
     subscribed: HashMap<ChannelName, usize>,
+}
+
+/// A present client's user and display name, by its client id; `None` for an anonymous
+/// client without a name, the common case, which then costs its id and a pointer.
+type Member = Option<Box<(String, String)>>;
+
+fn member(client: &ClientInfo) -> Member {
+    (!(client.user.is_empty() && client.name.is_empty()))
+        .then(|| Box::new((client.user.clone(), client.name.clone())))
+}
+
+fn client_info(client: &str, member: &Member) -> ClientInfo {
+    let (user, name) = member.as_deref().cloned().unwrap_or_default();
+    ClientInfo {
+        user,
+        client: client.to_owned(),
+        name,
+    }
 }
 
 impl Shard {
@@ -187,13 +205,13 @@ impl Broker for MemoryBroker {
                 .presence
                 .entry(channel.clone())
                 .or_default()
-                .insert(client.client.clone(), client.clone())
+                .insert(client.client.as_str().into(), member(&client))
                 .is_none(),
             PresenceChange::Leave => {
                 let Some(members) = shard.presence.get_mut(channel) else {
                     return Ok(());
                 };
-                let removed = members.remove(&client.client).is_some();
+                let removed = members.remove(client.client.as_str()).is_some();
                 if members.is_empty() {
                     shard.presence.remove(channel);
                 }
@@ -214,7 +232,7 @@ impl Broker for MemoryBroker {
             .shard(channel)
             .presence
             .get(channel)
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.iter().map(|(c, m)| client_info(c, m)).collect())
             .unwrap_or_default();
         presence::sort(&mut clients);
         Ok(clients)
