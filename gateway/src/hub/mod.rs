@@ -145,6 +145,15 @@ impl Hub {
         self.metrics.connections.set(sessions.len() as f64);
     }
 
+    /// Wakes every session whose ping or idle check is due by `now` (the node-wide
+    /// sweep, `session::Context::start_sweep`); returns how many.
+    pub fn wake_due(&self, now: std::time::Instant) -> usize {
+        self.sessions()
+            .values()
+            .filter(|s| s.outbox.wake_if_due(now))
+            .count()
+    }
+
     pub fn connection_count(&self) -> usize {
         self.sessions().len()
     }

@@ -26,7 +26,7 @@ use std::{
     os::fd::RawFd,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
@@ -211,6 +211,10 @@ pub struct Outbox {
     /// [`poll_wait`]: Self::poll_wait
     woken: AtomicBool,
     waker: AtomicWaker,
+    /// When the session's next ping or idle check is due, in milliseconds after
+    /// [`origin`] (`u64::MAX`: nothing due): the node-wide sweep wakes it then
+    /// ([`wake_if_due`](Self::wake_if_due)), so a parked session holds no timer of its own.
+    due_ms: AtomicU64,
     /// Woken when the bulk lane shrinks or a close is requested, for downloads waiting for
     /// room; made by the first of them (most connections never download).
     room: OnceLock<Box<Notify>>,
@@ -223,6 +227,7 @@ impl Outbox {
             state: Mutex::default(),
             woken: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            due_ms: AtomicU64::new(u64::MAX),
             room: OnceLock::new(),
             limit_bytes,
         }
@@ -425,6 +430,24 @@ impl Outbox {
         self.waker.wake();
     }
 
+    /// Asks the sweep to wake the session at `at` (at most one sweep period late).
+    pub fn set_due(&self, at: std::time::Instant) {
+        self.due_ms
+            .store(millis_since_origin(at, true), Ordering::Relaxed);
+    }
+
+    /// Wakes the session if its deadline has passed by `now`; returns whether it did.
+    /// Once woken it is not woken again until it sets a new deadline.
+    pub fn wake_if_due(&self, now: std::time::Instant) -> bool {
+        let now = millis_since_origin(now, false);
+        if self.due_ms.load(Ordering::Relaxed) > now {
+            return false;
+        }
+        self.due_ms.store(u64::MAX, Ordering::Relaxed);
+        self.wake();
+        true
+    }
+
     /// Ready when something was pushed or a close was requested since the last time it
     /// was ready; otherwise the task is woken at the next push.
     pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
@@ -487,6 +510,24 @@ impl Outbox {
         }
         s.rest.take().map(|rest| *rest)
     }
+}
+
+/// The time deadlines are counted from: the first use in this process.
+fn origin() -> std::time::Instant {
+    static ORIGIN: OnceLock<std::time::Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(|| tokio::time::Instant::now().into_std())
+}
+
+/// Milliseconds from [`origin`] to `at`, rounded up for a deadline (never reported
+/// early) and down for the present.
+fn millis_since_origin(at: std::time::Instant, round_up: bool) -> u64 {
+    let nanos = at.saturating_duration_since(origin()).as_nanos();
+    let ms = if round_up {
+        nanos.div_ceil(1_000_000)
+    } else {
+        nanos / 1_000_000
+    };
+    u64::try_from(ms).unwrap_or(u64::MAX - 1)
 }
 
 #[cfg(test)]
@@ -552,6 +593,26 @@ mod tests {
             "the small one still first"
         );
         assert_eq!(o.push_bulk(Bytes::from(vec![3; 1001])), Pushed::Overflow);
+    }
+
+    /// The sweep wakes a session once its deadline has passed, once, and not before.
+    #[test]
+    fn a_due_session_is_woken_once_until_it_sets_a_new_deadline() {
+        let o = Outbox::new(100);
+        let cx = &mut Context::from_waker(std::task::Waker::noop());
+        let now = std::time::Instant::now();
+        assert!(!o.wake_if_due(now), "nothing due before a deadline is set");
+        o.set_due(now + std::time::Duration::from_millis(50));
+        assert!(!o.wake_if_due(now + std::time::Duration::from_millis(49)));
+        assert!(o.poll_wait(cx).is_pending());
+        assert!(o.wake_if_due(now + std::time::Duration::from_millis(51)));
+        assert!(o.poll_wait(cx).is_ready(), "the wake is a permit");
+        assert!(
+            !o.wake_if_due(now + std::time::Duration::from_secs(1)),
+            "woken once per deadline"
+        );
+        o.set_due(now);
+        assert!(o.wake_if_due(now + std::time::Duration::from_millis(1)));
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use crate::{
 };
 use broker_proto::{CloseCode, Encoding};
 use bytes::Bytes;
-use std::{task::Poll, time::Duration};
+use std::{pin::Pin, task::Poll, time::Duration};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Outbox turns in a row before the client is served first.
@@ -63,8 +63,10 @@ where
 {
     async move {
         let mut outbox_streak = 0u32;
-        let sleep = tokio::time::sleep_until(core.next_deadline().into());
-        tokio::pin!(sleep);
+        // Pings and the idle check are the node-wide sweep's (`Outbox::set_due`); this
+        // timer exists only while a deadline that needs precision does (read pause,
+        // write hold, upload or token expiry): most parked connections hold none.
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         // Set while the client is over `bytes_per_second`: the socket is not read until then.
         let mut paused_until: Option<std::time::Instant> = None;
         // Set while publications wait for a namespace's `write_delay_ms`, to go out together.
@@ -84,11 +86,21 @@ where
                     if paused_until.is_some_and(|t| t <= now) {
                         paused_until = None;
                     }
-                    let next = core.next_deadline();
-                    let next = paused_until.map_or(next, |t| t.min(next));
-                    let next = hold_until.map_or(next, |h| h.min(next));
-                    if tokio::time::Instant::from_std(next) != sleep.deadline() {
-                        sleep.as_mut().reset(next.into());
+                    core.outbox().set_due(core.next_ping());
+                    let exact = [core.next_exact_deadline(), paused_until, hold_until]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    match (exact, &mut timer) {
+                        (None, _) => timer = None,
+                        (Some(at), Some(t)) => {
+                            if t.deadline() != at.into() {
+                                t.as_mut().reset(at.into());
+                            }
+                        }
+                        (Some(at), None) => {
+                            timer = Some(Box::pin(tokio::time::sleep_until(at.into())));
+                        }
                     }
                 }
                 let reading = paused_until.is_none();
@@ -115,9 +127,9 @@ where
                     {
                         return Poll::Ready(Event::Message(m));
                     }
-                    match sleep.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Event::Deadline),
-                        Poll::Pending => Poll::Pending,
+                    match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                        Some(Poll::Ready(())) => Poll::Ready(Event::Deadline),
+                        _ => Poll::Pending,
                     }
                 })
                 .await;
@@ -182,11 +194,16 @@ where
                 // client is not reading. It recovers it after reconnecting.
                 pending.clear();
             }
-            let bytes: usize = pending.iter().map(Bytes::len).sum();
+            // Counted before the write (a failed write ends the session anyway), so the
+            // counts are not kept across it.
+            if !pending.is_empty() {
+                let bytes: usize = pending.iter().map(Bytes::len).sum();
+                metrics.ws_messages_sent.increment(pending.len() as u64);
+                metrics.ws_bytes_sent.increment(bytes as u64);
+            }
             // The common case: the socket takes everything at once, with no timer and no
             // allocation. Otherwise the rest is queued in `ws` and finished, bounded in time,
             // off the task's resting size.
-            let messages = pending.len() as u64;
             let json = core.encoding() == Encoding::Json;
             let first =
                 std::future::poll_fn(|cx| Poll::Ready(ws.poll_send_all(cx, json, &mut pending)));
@@ -206,10 +223,6 @@ where
                         return exit;
                     }
                 }
-            }
-            if messages > 0 {
-                metrics.ws_messages_sent.increment(messages);
-                metrics.ws_bytes_sent.increment(bytes as u64);
             }
             core.written();
             hold_until = None;

@@ -210,20 +210,16 @@ impl SessionCore {
             .charge(bytes, now, config.bytes_per_second, config.bytes_burst)
     }
 
-    /// When [`Self::on_timer`] has something to do next.
-    pub fn next_deadline(&self) -> Instant {
-        let next = self
-            .media
-            .as_ref()
-            .and_then(|m| m.uploads.next_expiry())
-            .map_or(self.next_ping, |e| e.min(self.next_ping));
-        if self
-            .identity
-            .as_ref()
-            .is_none_or(|i| i.expires_at.is_none())
-        {
-            return next;
-        }
+    /// When the next ping or idle check is due: watched by the node-wide sweep
+    /// (`Outbox::set_due`), with its coarser precision.
+    pub fn next_ping(&self) -> Instant {
+        self.next_ping
+    }
+
+    /// When [`Self::on_timer`] has something else to do (an abandoned upload, the token's
+    /// expiry): these get a timer of their own, as precise as tokio's.
+    pub fn next_exact_deadline(&self) -> Option<Instant> {
+        let upload = self.media.as_ref().and_then(|m| m.uploads.next_expiry());
         let expiry = self
             .identity
             .as_ref()
@@ -235,7 +231,10 @@ impl SessionCore {
                     .now()
                     .checked_add(std::time::Duration::from_secs(left))
             });
-        expiry.map_or(next, |e| e.min(next))
+        match (upload, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Pings, the idle timeout, token expiry, abandoned uploads.

@@ -163,6 +163,7 @@ async fn open(
         (None, Some(Err(AuthError::Expired))) => Some(CloseCode::TokenExpired),
         _ => None,
     };
+    ctx.start_sweep();
     let identity = verified.and_then(Result::ok);
     let now = ctx.clock.now();
     let mut core = core::SessionCore::new(ctx, encoding, identity, now);
