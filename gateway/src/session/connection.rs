@@ -6,7 +6,9 @@
 //! which matters at a delivery per wake-up), but after [`OUTBOX_STREAK`] outbox turns in a
 //! row the client goes first, so a stream of deliveries holds up a client's commands and
 //! pings for a bounded number of turns at most.
-//! Deadlines (ping, idle, token expiry) are checked on every turn whatever woke it.
+//! Deadlines (ping, idle, token expiry) are checked on every turn whatever woke it; the
+//! ping and idle deadlines wake the session through its outbox (the node-wide sweep,
+//! `Context::start_sweep`), the others through a timer held only while they exist.
 //! Every turn ends by writing everything pending in as few messages as possible and one
 //! flush.
 
