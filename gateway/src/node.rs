@@ -23,14 +23,7 @@ use std::{
     },
 };
 
-/// A reserved WebSocket slot, released when dropped.
-pub struct SocketSlot(Arc<AtomicUsize>);
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub use crate::peers::SocketSlot;
 
 pub struct Node {
     pub config: Config,
@@ -106,7 +99,7 @@ impl Node {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             });
-        taken.ok().map(|_| SocketSlot(self.sockets.clone()))
+        taken.ok().map(|_| SocketSlot::new(self.sockets.clone()))
     }
 
     /// Takes a slot for one more socket from `addr`; `None` when it holds the maximum.

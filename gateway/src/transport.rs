@@ -469,13 +469,18 @@ mod tests {
         std::mem::size_of::<R>()
     }
 
-    /// What each connection's task holds (printed; `loadtest/memory.sh` measures the
-    /// whole): tokio adds 104 bytes to the future and rounds the cell up to 128.
+    /// What each connection's task holds (`loadtest/memory.sh` measures the whole):
+    /// tokio adds 104 bytes to the future and rounds the cell up to 128. Every idle
+    /// connection pays for it, so growing past the cell measured in issue 12 fails here.
     #[test]
     fn connection_task_size() {
         let future = size_of_output(session_task);
         let cell = (future + 104).div_ceil(128) * 128;
         println!("connection task future {future} B, task cell {cell} B");
+        assert!(
+            cell <= 896,
+            "the connection task grew to a {cell}-byte cell"
+        );
     }
 
     /// Found by the hostile-input sweep: `abc` and an empty key were upgraded.

@@ -45,7 +45,7 @@ pub struct Params {
 
 /// A socket slot (`max_connections`) and an address slot (`max_connections_per_ip`).
 pub type Slots = (
-    Option<crate::node::SocketSlot>,
+    Option<crate::peers::SocketSlot>,
     Option<crate::peers::AddressSlot>,
 );
 

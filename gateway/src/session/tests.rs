@@ -451,7 +451,7 @@ async fn session_sizes() {
         std::mem::size_of::<crate::ws::WebSocket<tokio::net::TcpStream>>(),
     );
     println!(
-        "Sleep {} Notified {} Identity {} Subscriptions {} Batch {} TokenBucket {} ByteBucket {} Decoder {} Socket {} OptUserSlot {} Limits {} VecDeque {}",
+        "Sleep {} Notified {} Identity {} Subscriptions {} Batch {} TokenBucket {} ByteBucket {} Decoder {} OptUserSlot {} Limits {} VecDeque {}",
         std::mem::size_of::<tokio::time::Sleep>(),
         std::mem::size_of::<tokio::sync::futures::Notified<'static>>(),
         std::mem::size_of::<Option<crate::auth::Identity>>(),
@@ -460,7 +460,6 @@ async fn session_sizes() {
         std::mem::size_of::<super::rate::TokenBucket>(),
         std::mem::size_of::<super::rate::ByteBucket>(),
         std::mem::size_of::<crate::ws::decode::Decoder>(),
-        std::mem::size_of::<crate::transport::Socket>(),
         std::mem::size_of::<Option<crate::peers::UserSlot>>(),
         std::mem::size_of::<broker_proto::Limits>(),
         std::mem::size_of::<std::collections::VecDeque<u8>>(),
