@@ -169,6 +169,23 @@ impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     }
 }
 
+/// A reserved WebSocket slot (`max_connections`), released when dropped. Here rather than
+/// in `node`, which takes it, so the session that holds it needs nothing of the node.
+pub struct SocketSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl SocketSlot {
+    /// Holds one of `taken`, already counted by the caller.
+    pub fn new(taken: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        Self(taken)
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,22 +270,5 @@ mod tests {
             .map(|_| unlimited.take(ip("1.1.1.1")).unwrap())
             .collect();
         assert_eq!(slots.len(), 100);
-    }
-}
-
-/// A reserved WebSocket slot (`max_connections`), released when dropped. Here rather than
-/// in `node`, which takes it, so the session that holds it needs nothing of the node.
-pub struct SocketSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl SocketSlot {
-    /// Holds one of `taken`, already counted by the caller.
-    pub fn new(taken: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        Self(taken)
-    }
-}
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
